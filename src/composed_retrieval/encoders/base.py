@@ -1,0 +1,98 @@
+"""The encoder interface every method builds on (DESIGN section 2).
+
+An encoder pair gives, for a batch, a pooled feature ``[B, d]`` and a token sequence
+``[B, L, d_tok]`` (spatial tokens for images; word tokens plus a padding mask for texts), and
+can encode a text in which chosen token slots are replaced by given embeddings (pseudo-words).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Features:
+    """Pooled and token-level features of one batch.
+
+    ``mask`` is True at real tokens and False at padding (texts); None means all tokens are real.
+    """
+
+    pooled: torch.Tensor                 # [B, d]
+    tokens: torch.Tensor                 # [B, L, d_tok]
+    mask: torch.Tensor | None = None     # [B, L] bool
+
+    def to(self, device: torch.device | str) -> "Features":
+        return Features(self.pooled.to(device), self.tokens.to(device),
+                        None if self.mask is None else self.mask.to(device))
+
+    def detach(self) -> "Features":
+        return Features(self.pooled.detach(), self.tokens.detach(),
+                        None if self.mask is None else self.mask.detach())
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+
+class EncoderPair(nn.Module):
+    """Image tower + text tower behind one interface.
+
+    Subclasses set ``embed_dim`` (pooled d, shared by both towers), ``image_token_dim``,
+    ``text_token_dim`` (width of the text transformer = size of a word embedding),
+    ``image_size`` and ``config`` (a JSON-able dict from which the registry rebuilds it).
+    """
+
+    embed_dim: int
+    image_token_dim: int
+    text_token_dim: int
+    image_size: int
+    config: dict[str, Any]
+    #: token id that marks a pseudo-word slot ("$") after tokenization
+    slot_token_id: int
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids ``[B, L]`` (long) for a list of strings."""
+        raise NotImplementedError
+
+    def image_transform(self, kind: str = "targetpad") -> Callable:
+        """PIL image -> normalised tensor ``[3, H, W]`` at this model's resolution."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> Features:
+        raise NotImplementedError
+
+    def encode_text(self, token_ids: torch.Tensor, slot_embeddings: torch.Tensor | None = None) -> Features:
+        """Encode texts; where ``token_ids == slot_token_id`` the word embedding is replaced by
+        ``slot_embeddings[b]`` (``[B, text_token_dim]``), one pseudo-word per text."""
+        raise NotImplementedError
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_texts(self, texts: list[str], slot_embeddings: torch.Tensor | None = None) -> Features:
+        return self.encode_text(self.tokenize(texts).to(self.device), slot_embeddings)
+
+
+def replace_slots(word_embeddings: torch.Tensor, token_ids: torch.Tensor, slot_token_id: int,
+                  slot_embeddings: torch.Tensor | None) -> torch.Tensor:
+    """Put ``slot_embeddings[b]`` at every position of text b whose id is ``slot_token_id``.
+
+    Shared by every text tower, so that pseudo-word injection is one piece of code.
+    """
+    if slot_embeddings is None:
+        return word_embeddings
+    slots = (token_ids == slot_token_id)
+    if not bool(slots.any(dim=1).all()):
+        missing = (~slots.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"texts {missing} have no pseudo-word slot to fill")
+    fill = slot_embeddings.to(word_embeddings.dtype)[:, None, :].expand_as(word_embeddings)
+    return torch.where(slots[..., None], fill, word_embeddings)

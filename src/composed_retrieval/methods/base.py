@@ -1,0 +1,93 @@
+"""What a method is: a module that turns a batch into losses and (reference, text) into a query.
+
+Every method (baselines, Combiner, DRA, CaLa, textual inversion) subclasses :class:`CIRMethod`,
+so the one training loop, the evaluation code, the feature cache and the index serve them all.
+
+Batch layout given to ``forward`` by the training loop:
+    reference   Tensor [B,3,H,W] pixels, or Features from the cache (frozen image tower)
+    target      same as reference
+    text        LongTensor [B,L] token ids of the modification text
+    target_index LongTensor [B] (optional) index of the target in the SPN negative bank
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoders.base import EncoderPair, Features
+
+
+class CIRMethod(nn.Module):
+    """Base class. Subclasses implement ``compose`` and ``forward``; most keep the default
+    gallery side (the image tower's normalised pooled feature)."""
+
+    name: str = "base"
+    #: training stages in order; the loop calls ``set_stage`` before each
+    stages: tuple[str, ...] = ("main",)
+
+    def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = dict(config or {})
+        self.stage = self.stages[0]
+        self.train_image_tower = bool(self.config.get("train_image_tower", False))
+        self.train_text_tower = bool(self.config.get("train_text_tower", False))
+
+    # ---- stages and what trains -------------------------------------------------------
+    def set_stage(self, stage: str) -> None:
+        if stage not in self.stages:
+            raise ValueError(f"{self.name} has stages {self.stages}, not {stage!r}")
+        self.stage = stage
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the method's own modules (everything but the encoder)."""
+        enc = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in enc]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.head_parameters())
+        if self.train_image_tower:
+            params += list(self.encoder.image_parameters())
+        if self.train_text_tower:
+            params += list(self.encoder.text_parameters())
+        return params
+
+    @property
+    def image_tower_frozen(self) -> bool:
+        """With a frozen image tower the loop may feed cached features instead of pixels."""
+        return not self.train_image_tower
+
+    # ---- encoding ----------------------------------------------------------------------
+    def image_features(self, x: torch.Tensor | Features) -> Features:
+        if isinstance(x, Features):
+            return x
+        if self.train_image_tower and self.training:
+            return self.encoder.encode_image(x)
+        with torch.no_grad():
+            return self.encoder.encode_image(x).detach()
+
+    def text_features(self, token_ids: torch.Tensor, slot_embeddings: torch.Tensor | None = None) -> Features:
+        if self.train_text_tower and self.training or slot_embeddings is not None:
+            return self.encoder.encode_text(token_ids, slot_embeddings)
+        with torch.no_grad():
+            return self.encoder.encode_text(token_ids).detach()
+
+    # ---- the two things a method defines -----------------------------------------------
+    def compose(self, reference: Features, text: Features) -> torch.Tensor:
+        """Normalised query ``[B, d]`` from the reference image and the modification text."""
+        raise NotImplementedError
+
+    def gallery_embedding(self, image: Features) -> torch.Tensor:
+        """Normalised gallery-side vector ``[B, d]``; the index stores these."""
+        return F.normalize(image.pooled.float(), dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one batch; key ``loss`` is the one optimised."""
+        raise NotImplementedError
+
+    # ---- helpers shared by methods -----------------------------------------------------
+    def query_from_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.compose(self.image_features(batch["reference"]), self.text_features(batch["text"]))
