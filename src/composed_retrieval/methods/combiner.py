@@ -49,7 +49,12 @@ class CombinerNet(nn.Module):
 
 @register_method("combiner")
 class Combiner(CIRMethod):
-    """Combiner on frozen towers, trained with batch-based classification (scale 100)."""
+    """CLIP4Cir in two stages: ``finetune`` trains the towers with an element-wise sum query;
+    ``combiner`` trains the Combiner on the (then frozen) towers. Both use batch-based
+    classification with logit scale 100. A run may list only the ``combiner`` stage when the
+    towers are already adapted (``init_from`` a stage-1 run)."""
+
+    stages = ("finetune", "combiner")
 
     def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
         super().__init__(encoder, config)
@@ -59,8 +64,15 @@ class Combiner(CIRMethod):
         self.logit_scale = float(self.config.get("logit_scale", 100.0))
 
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
+        if self.stage == "finetune":
+            return F.normalize(F.normalize(reference.pooled.float(), dim=-1)
+                               + F.normalize(text.pooled.float(), dim=-1), dim=-1)
         out = self.combiner(reference.pooled.float(), text.pooled.float())
         return F.normalize(out, dim=-1)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        # stage 1 trains the towers only; the Combiner starts training in stage 2
+        return [] if self.stage == "finetune" else list(self.combiner.parameters())
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         query = self.query_from_batch(batch)

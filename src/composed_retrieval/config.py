@@ -1,0 +1,120 @@
+"""Run configuration: a JSON file, overridden from the command line, saved with the run."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import read_json
+
+DEFAULTS: dict[str, Any] = {
+    "method": "combiner",
+    "method_config": {},
+    "encoder": "tiny",
+    "encoder_config": {},
+    "encoder_checkpoint": None,   # weights of the towers (open_clip file, or a run to start from)
+    "init_from": None,            # a run or checkpoint folder whose weights initialise this run
+    "dataset": "cirr",
+    "root": None,
+    "image_root": None,
+    "categories": None,           # FashionIQ categories (default: all three)
+    "train_split": "train",
+    "val_split": "val",
+    "extra_eval_splits": [],      # e.g. ["heldout"] on the synthetic benchmark
+    "caption_policy": "random",   # FashionIQ training captions
+    "preprocess": "targetpad",
+    "stages": [{"name": "main", "epochs": 5, "lr": 1e-4}],
+    "batch_size": 64,
+    "weight_decay": 0.01,
+    "grad_clip": 1.0,
+    "seed": 0,
+    "amp": True,                  # only on CUDA
+    "device": "auto",
+    "num_workers": 0,
+    "eval_batch_size": 256,
+    "cache_dir": None,            # feature cache for frozen towers (default: <run>/../.cache)
+    "preload_pixels_max_mb": 2048,
+    "max_steps_per_epoch": None,  # for smoke tests
+    "log_every": 20,
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; lists and scalars in ``override`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """CLI override values: JSON when it parses (numbers, bools, lists, null), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` and dotted ``a.b=value`` (``stages.0.epochs=3`` indexes lists)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node: Any = cfg
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(p)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"override {key!r}: {p!r} is not an index of a list of {len(node)}") from None
+            else:
+                node = node.setdefault(p, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = parse_value(value)
+            except (ValueError, IndexError):
+                raise ConfigError(f"override {key!r}: {last!r} is not an index of a list of {len(node)}") from None
+        else:
+            node[last] = parse_value(value)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults < config file < explicit CLI flags < ``--set`` overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        file_cfg = read_json(path, "config file")
+        if not isinstance(file_cfg, dict):
+            raise ConfigError("config file must hold a JSON object", path)
+        cfg = merge(cfg, file_cfg)
+    if explicit:
+        cfg = merge(cfg, {k: v for k, v in explicit.items() if v is not None})
+    cfg = apply_overrides(cfg, overrides or [])
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"spn", "notes"})
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    if not isinstance(cfg["stages"], list) or not cfg["stages"]:
+        raise ConfigError("config field 'stages' must be a non-empty list of {name, epochs, lr}")
+    for i, st in enumerate(cfg["stages"]):
+        if not isinstance(st, dict) or "name" not in st:
+            raise ConfigError(f"config field stages[{i}] must be an object with a 'name'")
+        for key in ("epochs",):
+            if not isinstance(st.get(key, 1), int) or st.get(key, 1) < 0:
+                raise ConfigError(f"config field stages[{i}].{key} must be a non-negative integer")
+    if not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:
+        raise ConfigError("config field 'batch_size' must be a positive integer")

@@ -1,0 +1,133 @@
+"""Checkpoints without pickle: safetensors weights + a JSON config that rebuilds the method.
+
+A checkpoint folder holds ``model.safetensors`` and ``checkpoint.json``; a run folder holds
+``best/`` and ``last/`` checkpoint folders. ``load_method`` accepts either.
+The resumable training state (optimizer moments, RNG) goes to ``state.pt`` and is read back
+with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..fileio import atomic_write, atomic_write_json, read_json
+from ..methods.base import CIRMethod
+
+WEIGHTS = "model.safetensors"
+META = "checkpoint.json"
+STATE = "state.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_method(method: CIRMethod, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write weights then metadata (with the weights' hash) atomically; metadata last, so a
+    folder with a checkpoint.json always has complete weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    meta = {
+        "format": "composed-retrieval-checkpoint/1",
+        "method": method.name,
+        "method_config": method.config,
+        "stage": method.stage,
+        "encoder_config": method.encoder.config,
+        "weights_sha256": _sha256(folder / WEIGHTS),
+        **(extra or {}),
+    }
+    atomic_write_json(folder / META, meta)
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the ``best`` (else ``last``) checkpoint of a run folder."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for sub in ("best", "last"):
+        if (path / sub / META).is_file():
+            return path / sub
+    if path.is_file() and path.name in (META, WEIGHTS):
+        return path.parent
+    raise CheckpointError(f"no checkpoint found (expected {META} here or in best/ or last/)", path)
+
+
+def read_checkpoint_meta(folder: Path) -> dict[str, Any]:
+    meta = read_json(folder / META, "checkpoint metadata")
+    if not isinstance(meta, dict) or "method" not in meta or "encoder_config" not in meta:
+        raise CheckpointError("checkpoint metadata lacks 'method' or 'encoder_config'", folder / META)
+    return meta
+
+
+def load_weights(folder: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint folder, refusing truncated or tampered files."""
+    meta = read_checkpoint_meta(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError("checkpoint weights file is missing", weights)
+    if verify and meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise CheckpointError("checkpoint weights do not match the hash in checkpoint.json "
+                              "(truncated or modified)", weights)
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable checkpoint weights ({exc})", weights) from None
+
+
+def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMethod:
+    """Rebuild the method (encoder included) from a run or checkpoint folder."""
+    from ..encoders.registry import encoder_from_config
+    from ..methods.registry import build_method
+
+    folder = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(folder)
+    encoder = encoder_from_config(meta["encoder_config"], load_weights=False)
+    method = build_method(meta["method"], encoder, meta.get("method_config") or {})
+    state = load_weights(folder)
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit method {meta['method']!r}: "
+                              f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})", folder / WEIGHTS)
+    if meta.get("stage") in method.stages:
+        method.set_stage(meta["stage"])
+    return method.to(device).eval()
+
+
+def init_weights_from(method: CIRMethod, path: str | Path) -> list[str]:
+    """Initialise matching parameters from another checkpoint (e.g. stage-1 towers); returns
+    the names that were loaded."""
+    folder = resolve_checkpoint(path)
+    state = load_weights(folder)
+    own = method.state_dict()
+    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    method.load_state_dict(take, strict=False)
+    return sorted(take)
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    atomic_write(folder / STATE, lambda p: torch.save(state, p))
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling refusal or truncation is the same user problem
+        raise CheckpointError(f"unreadable training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", path) from None

@@ -1,0 +1,309 @@
+"""The one training loop every method uses.
+
+Stages run in order (each with its own optimizer and which towers train); every epoch is
+validated by the dataset's protocol; the best checkpoint is kept by the protocol's headline
+metric; ``last/`` holds everything needed to resume at the next epoch. Data order and dropout
+are seeded per epoch, so a resumed run ends where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..data.base import CIRSplit
+from ..encoders.base import Features
+from ..errors import ConfigError
+from ..fileio import atomic_write_json, atomic_write_text, read_json
+from ..methods.base import CIRMethod
+from . import checkpoint as ckpt
+from .sources import FeatureTable, PixelSource, encode_with
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, global_epoch: int) -> int:
+    return (seed * 1_000_003 + global_epoch * 7919) % 2**63
+
+
+def build_method_from_config(cfg: dict[str, Any]) -> CIRMethod:
+    from ..encoders.registry import build_encoder
+    from ..methods.registry import build_method
+
+    encoder = build_encoder(cfg["encoder"], checkpoint=cfg.get("encoder_checkpoint"), **(cfg.get("encoder_config") or {}))
+    method = build_method(cfg["method"], encoder, cfg.get("method_config") or {})
+    if cfg.get("init_from"):
+        ckpt.init_weights_from(method, cfg["init_from"])
+    return method
+
+
+def load_data(cfg: dict[str, Any], split: str, training: bool) -> list[CIRSplit]:
+    from ..data.registry import load_splits
+
+    if not cfg.get("root"):
+        raise ConfigError("config field 'root' (the dataset folder) is not set; pass --root")
+    options: dict[str, Any] = {}
+    if cfg["dataset"] == "fashioniq":
+        options["caption_policy"] = cfg.get("caption_policy", "random") if training else "eval"
+        if cfg.get("categories"):
+            options["categories"] = cfg["categories"]
+    return load_splits(cfg["dataset"], cfg["root"], split, image_root=cfg.get("image_root"), **options)
+
+
+class Trainer:
+    """Owns one run folder: config.json, metrics.jsonl, curves.png, best/, last/."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: str | Path, resume: bool = True, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = progress
+        self.device = resolve_device(cfg.get("device", "auto"))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _check_run_dir(self) -> dict[str, Any] | None:
+        saved = self.run_dir / "config.json"
+        state = None
+        if saved.exists() and self.resume:
+            old = read_json(saved, "run config")
+            if _comparable(old) != _comparable(self.cfg):
+                raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
+                                  "choose a new --out or pass --no-resume")
+            if (self.run_dir / "last" / ckpt.META).is_file():
+                state = ckpt.load_state(self.run_dir / "last")
+        elif saved.exists() and not self.resume:
+            for name in ("metrics.jsonl",):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", self.cfg)
+        return state
+
+    def _cache(self):  # type: ignore[no-untyped-def]
+        from ..cache import FeatureCache
+        root = self.cfg.get("cache_dir") or (self.run_dir.parent / ".feature_cache")
+        return FeatureCache(root)
+
+    def image_table(self, method: CIRMethod, splits: list[CIRSplit], role: str) -> list[FeatureTable]:
+        """Encoded images of each split with the encoder's current weights (cached on disk
+        when the image tower is frozen, since then the features never change)."""
+        transform = method.encoder.image_transform(self.cfg["preprocess"])
+        tables = []
+        for split in splits:
+            names = split.all_image_names()
+            if method.image_tower_frozen:
+                cached = self._cache().get_or_build(
+                    method.encoder, f"{split.dataset}/{split.category or ''}/{split.split}/{role}",
+                    names, split.image_path, transform, batch_size=self.cfg["eval_batch_size"],
+                    progress=self.progress)
+                tables.append(FeatureTable(cached.names, cached.as_features()))
+            else:
+                pixels = PixelSource(names, split.image_path, transform, self.cfg["preload_pixels_max_mb"],
+                                     self.cfg["num_workers"], self.progress)
+                tables.append(encode_with(method.encoder, names, pixels, self.cfg["eval_batch_size"],
+                                          self.device, self.progress))
+        return tables
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from ..data.triplets import TripletDataset, collate_triplets
+        from ..evaluation.protocols import headline
+        from ..evaluation.runner import evaluate_method
+
+        cfg = self.cfg
+        state = self._check_run_dir()
+        seed_everything(cfg["seed"])
+        method = build_method_from_config(cfg).to(self.device)
+        if state is not None:
+            method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
+        train_splits = load_data(cfg, cfg["train_split"], training=True)
+        val_splits = load_data(cfg, cfg["val_split"], training=False)
+        extra = {name: load_data(cfg, name, training=False) for name in cfg.get("extra_eval_splits") or []}
+
+        best = state["best"] if state else -math.inf
+        global_epoch = state["global_epoch"] if state else 0
+        start_stage = state["stage_index"] if state else 0
+        start_epoch = state["epoch_in_stage"] if state else 0
+        history = _read_history(self.metrics_path, global_epoch)
+        amp = bool(cfg.get("amp")) and self.device.type == "cuda"
+
+        for stage_index, stage in enumerate(cfg["stages"]):
+            if stage_index < start_stage:
+                continue
+            self._apply_stage(method, stage)
+            params = method.trainable_parameters()
+            if not params:
+                raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
+            optimizer = torch.optim.AdamW(params, lr=float(stage.get("lr", 1e-4)),
+                                          weight_decay=float(stage.get("weight_decay", cfg["weight_decay"])))
+            first_epoch = start_epoch if stage_index == start_stage else 0
+            if state is not None and stage_index == start_stage and state.get("optimizer") and first_epoch > 0:
+                optimizer.load_state_dict(state["optimizer"])
+            if first_epoch >= int(stage.get("epochs", 1)):
+                continue
+            train_tables = None if not method.image_tower_frozen else self.image_table(method, train_splits, "train")
+            if train_tables is None:
+                pixels = [PixelSource(s.all_image_names(), s.image_path,
+                                      method.encoder.image_transform(cfg["preprocess"]),
+                                      cfg["preload_pixels_max_mb"], cfg["num_workers"], self.progress)
+                          for s in train_splits]
+                fns = pixels
+            else:
+                fns = [t.lookup for t in train_tables]
+            datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
+            data = ConcatDataset(datasets)
+            for epoch in range(first_epoch, int(stage.get("epochs", 1))):
+                t0 = time.time()
+                torch.manual_seed(epoch_seed(cfg["seed"], global_epoch))
+                for ds in datasets:
+                    ds.set_epoch(global_epoch)
+                gen = torch.Generator().manual_seed(epoch_seed(cfg["seed"], global_epoch))
+                loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
+                                    generator=gen, collate_fn=collate_triplets, num_workers=0)
+                losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+                val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
+                                      cfg["eval_batch_size"], self.device)
+                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], **losses,
+                                          "val": val, "headline": headline(val_splits[0].protocol, val)}
+                for name, splits in extra.items():
+                    record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
+                                                   cfg["eval_batch_size"], self.device)
+                record["seconds"] = round(time.time() - t0, 2)
+                global_epoch += 1
+                improved = record["headline"] > best
+                if improved:
+                    best = record["headline"]
+                    ckpt.save_method(method, self.run_dir / "best", {"epoch": global_epoch, "val": val})
+                ckpt.save_method(method, self.run_dir / "last", {"epoch": global_epoch, "val": val})
+                done_in_stage = epoch + 1
+                next_stage, next_epoch = (stage_index, done_in_stage)
+                ckpt.save_state(self.run_dir / "last", {
+                    "optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
+                    "stage_index": next_stage, "epoch_in_stage": next_epoch, "best": best})
+                history.append(record)
+                self._write_history(history)
+                if self.progress:
+                    print(json.dumps({k: record[k] for k in ("epoch", "stage", "loss", "headline")}), flush=True)
+            start_epoch = 0
+            if state is not None:
+                state = None
+        return self._finish(history)
+
+    def _apply_stage(self, method: CIRMethod, stage: dict[str, Any]) -> None:
+        method.set_stage(stage["name"])
+        method.train_image_tower = bool(stage.get("train_image_tower", False))
+        method.train_text_tower = bool(stage.get("train_text_tower", False))
+        for p in method.encoder.parameters():
+            p.requires_grad_(False)
+        for p in method.trainable_parameters():
+            p.requires_grad_(True)
+
+    def _train_epoch(self, method: CIRMethod, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                     amp: bool, stage: dict[str, Any], global_epoch: int) -> dict[str, float]:
+        from tqdm import tqdm
+
+        method.train()
+        if method.image_tower_frozen:
+            method.encoder.eval()  # no dropout/batch-norm updates in a frozen tower
+        sums: dict[str, float] = {}
+        steps = 0
+        max_steps = self.cfg.get("max_steps_per_epoch")
+        bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress, leave=False)
+        for batch in bar:
+            batch = self._to_device(method, batch)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = method(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if self.cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), float(self.cfg["grad_clip"]))
+            optimizer.step()
+            steps += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if steps % max(1, int(self.cfg.get("log_every", 20))) == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+            if max_steps and steps >= int(max_steps):
+                break
+        return {k: round(v / max(steps, 1), 6) for k, v in sums.items()} | {"steps": steps}
+
+    def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        for key in ("reference", "target"):
+            x = batch[key]
+            out[key] = x.to(self.device) if isinstance(x, (torch.Tensor, Features)) else x
+        out["text"] = method.encoder.tokenize(batch["caption"]).to(self.device)
+        return out
+
+    # ---- outputs --------------------------------------------------------------------------
+    def _write_history(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        try:
+            plot_curves(history, self.run_dir / "curves.png")
+        except Exception as exc:  # a plot must never stop training
+            print(f"warning: could not draw curves.png ({exc})")
+
+    def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        if not history:
+            return {}
+        best = max(history, key=lambda r: r["headline"])
+        result = {"best_epoch": best["epoch"], "val": best["val"],
+                  **{k: best[k] for k in self.cfg.get("extra_eval_splits") or [] if k in best},
+                  "epochs": len(history), "config": self.cfg}
+        atomic_write_json(self.run_dir / "results.json", result)
+        return result
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fields that must match to resume a run (not device or progress settings)."""
+    ignore = {"device", "num_workers", "eval_batch_size", "log_every"}
+    return {k: v for k, v in cfg.items() if k not in ignore}
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file() or upto_epoch == 0:
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fileio import atomic_write
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax1.set_xlabel("epoch"); ax1.set_ylabel("training loss"); ax1.grid(alpha=.3)
+    keys = [k for k in ("recall@1", "recall@5", "recall_subset@1", "avg", "avg_recall@10", "map@10") if k in history[0]["val"]]
+    for k in keys:
+        ax2.plot(epochs, [r["val"][k] for r in history], marker="o", label=f"val {k}")
+    ax2.set_xlabel("epoch"); ax2.set_ylabel("percent"); ax2.grid(alpha=.3); ax2.legend(fontsize=7)
+    for i, r in enumerate(history[1:], 1):
+        if r["stage"] != history[i - 1]["stage"]:
+            for ax in (ax1, ax2):
+                ax.axvline(r["epoch"] - 0.5, color="grey", ls="--", lw=.8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
