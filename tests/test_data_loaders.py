@@ -201,6 +201,14 @@ def test_fashioniq_test_split_and_bad_inputs(tmp_path):
         load_fashioniq(tmp_path, "val", "dress")
 
 
+def test_fashioniq_without_images(tmp_path):
+    fx = write_fashioniq_fixture(tmp_path, "dress", "val", images=False)
+    with pytest.raises(DataError, match=r"none of the first images listed in .*split\.dress\.val\.json exist under "):
+        load_fashioniq(tmp_path, "val", "dress")
+    s = load_fashioniq(tmp_path, "val", "dress", check_images=False)  # scoring needs annotations only
+    assert s.gallery == fx["names"] and s.meta["image_extension"] is None
+
+
 # ---------------------------------------------------------------- CIRCO
 
 def test_circo_fields_gallery_from_info(tmp_path):
@@ -354,6 +362,8 @@ def test_triplet_dataset_and_collate(tmp_path):
     assert batch["reference"].shape == (3, 3, 2, 2) and batch["target"].shape == (3, 3, 2, 2)
     assert batch["index"].tolist() == [0, 1, 2] and batch["index"].dtype == torch.long
     assert batch["caption"] == [fx["entries"][i]["caption"] for i in range(3)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_triplets)
+    assert next(iter(loader))["target_name"] == [e["target_hard"] for e in fx["entries"]]
     qds = QueryDataset(load_cirr(tmp_path, "val"), _pixels)
     qb = collate_triplets([qds[0], qds[2]])
     assert qb["query_index"].tolist() == [0, 2] and qb["reference"].shape == (2, 3, 2, 2)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import DataError
 from .base import CIRSplit
 from .checks import (check_images_exist, check_part, entry_error, field, int_list, read_json_as,
-                     str_list, unique_ids)
+                     unique_ids)
 
 SHARED_CONCEPT_TEMPLATE = "{shared_concept} but {relative_caption}"
 _COCO_DIR = "COCO2017_unlabeled"
@@ -88,7 +88,7 @@ def load_circo(root: str | Path, split: str, image_root: str | Path | None = Non
         reference = str(field(e, "reference_img_id", int, ann_path, i))
         relative = field(e, "relative_caption", str, ann_path, i)
         concept = field(e, "shared_concept", str, ann_path, i)
-        aspects = str_list(e, "semantic_aspects", ann_path, i, optional=True)
+        aspects = field(e, "semantic_aspects", list, ann_path, i, optional=True)  # kept as given
         q = {"query_id": str(qid), "reference": reference, "relative_caption": relative,
              "shared_concept": concept,
              "caption": (SHARED_CONCEPT_TEMPLATE.format(shared_concept=concept, relative_caption=relative)
