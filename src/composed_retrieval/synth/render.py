@@ -83,3 +83,29 @@ def render_to_file(task: tuple[str, Scene, int, int, int, int]) -> None:
     path, scene, size, seed, split_index, image_index = task
     img = render_scene(scene, size, render_seed(seed, split_index, image_index))
     Path(path).write_bytes(png_bytes(img))
+
+
+def contact_sheet(rows: list[tuple[Image.Image, str, Image.Image]], scale: int = 2,
+                  text_width: int = 300) -> Image.Image:
+    """reference | modification text | target, one triplet per row (for docs and eyeballing)."""
+    import textwrap
+
+    from PIL import ImageFont
+
+    side = rows[0][0].width * scale
+    pad, head = 8, 24
+    font = ImageFont.load_default(size=14)
+    width = 2 * side + text_width + 4 * pad
+    sheet = Image.new("RGB", (width, head + len(rows) * (side + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, label in ((pad, "reference"), (2 * pad + side, "modification text"),
+                     (3 * pad + side + text_width, "target")):
+        draw.text((x, 5), label, fill=(90, 90, 90), font=font)
+    for i, (ref, text, target) in enumerate(rows):
+        y = head + pad + i * (side + pad)
+        sheet.paste(ref.resize((side, side), Image.Resampling.NEAREST), (pad, y))
+        lines = textwrap.wrap(text, width=text_width // 8)
+        draw.multiline_text((2 * pad + side, y + side // 2 - 9 * len(lines)), "\n".join(lines),
+                            fill=(20, 20, 20), font=font, spacing=3)
+        sheet.paste(target.resize((side, side), Image.Resampling.NEAREST), (3 * pad + side + text_width, y))
+    return sheet

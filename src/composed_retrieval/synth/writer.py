@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_json, atomic_write_text, read_json
-from .render import render_to_file
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .render import png_bytes as _png, render_to_file
 from .world import SPLITS, Plan, SplitPlan, describe, make_plan
 
 GENERATOR = "composed_retrieval.synth"
@@ -178,3 +178,24 @@ def write_synth(out: str | Path, seed: int, size: str, fmt: str = "cirr", worker
     atomic_write_json(out / "synth.json", meta)   # last: marks the output complete
     (out / MARKER).unlink(missing_ok=True)
     return meta
+
+
+def write_contact_sheet(root: str | Path, path: str | Path, split: str = "val", n: int = 6,
+                        stride: int = 7) -> Path:
+    """A reference | text | target PNG of ``n`` triplets of a CIRR-format synth output."""
+    from PIL import Image
+
+    from .render import contact_sheet
+
+    root = Path(root)
+    caps = read_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR caption file")
+    rel = read_json(root / "image_splits" / f"split.rc2.{split}.json", "CIRR image split file")
+    rows = []
+    for c in caps[::stride][:n]:
+        with Image.open(root / rel[c["reference"]]) as ref, Image.open(root / rel[c["target_hard"]]) as tgt:
+            rows.append((ref.convert("RGB"), c["caption"], tgt.convert("RGB")))
+    if not rows:
+        raise ConfigError(f"no triplets with targets in split {split!r}", root)
+    sheet = contact_sheet(rows)
+    atomic_write_bytes(path, _png(sheet))
+    return Path(path)
