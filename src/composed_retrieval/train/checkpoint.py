@@ -95,7 +95,9 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMeth
 
     folder = resolve_checkpoint(path)
     meta = read_checkpoint_meta(folder)
-    encoder = encoder_from_config(meta["encoder_config"], load_weights=False)
+    # the method's own weights include the towers, so the encoder's original checkpoint file
+    # is not needed (and may be gone) when a trained method is loaded
+    encoder = encoder_from_config({**meta["encoder_config"], "checkpoint": None})
     method = build_method(meta["method"], encoder, meta.get("method_config") or {})
     state = load_weights(folder)
     missing, unexpected = method.load_state_dict(state, strict=False)

@@ -114,7 +114,7 @@ class Trainer:
                     method.encoder, f"{split.dataset}/{split.category or ''}/{split.split}/{role}",
                     names, split.image_path, transform, batch_size=self.cfg["eval_batch_size"],
                     progress=self.progress)
-                tables.append(FeatureTable(cached.names, cached.as_features()))
+                tables.append(FeatureTable(cached.names, Features(cached.pooled.float(), cached.tokens.float())))
             else:
                 pixels = PixelSource(names, split.image_path, transform, self.cfg["preload_pixels_max_mb"],
                                      self.cfg["num_workers"], self.progress)
