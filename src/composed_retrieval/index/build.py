@@ -1,0 +1,181 @@
+"""Build or update a gallery index: embed every image once, resumably.
+
+Images are embedded in chunks; each finished chunk goes to ``partial/`` atomically, so an
+interrupted run (crash, Ctrl-C, power loss) continues where it stopped. Images are matched by
+relative path *and* content hash: ``--add`` re-embeds only new or changed files, and a resumed
+build never reuses a vector of a file that changed in between.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import ConfigError, DataError
+from ..methods.base import CIRMethod
+from . import faiss_index
+from .search import model_fingerprint
+from .store import PartialBuild, index_exists, read_index, sha256_file, stored_path, write_index
+
+DEFAULT_CHUNK = 512
+RECALL_SAMPLE = 1000
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    count: int                               # vectors in the finished index
+    embedded: int                            # images embedded by this run
+    reused: int                              # vectors taken from the old index or partial chunks
+    kind: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, error)
+    removed: list[str] = field(default_factory=list)               # in the old index, gone now
+    changed: list[str] = field(default_factory=list)               # re-embedded (content changed)
+    recall_at_10: float | None = None
+    seconds: float = 0.0
+
+
+def _load_method(model: str | Path, device: str) -> CIRMethod:
+    from ..train.checkpoint import load_method
+    return load_method(model, device=device)
+
+
+def _embed_chunk(method: CIRMethod, names: list[str], path_of: Callable[[str], Path],
+                 transform: Callable, batch_size: int, num_workers: int | None,
+                 device: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Gallery vectors of ``names`` (the readable ones) plus (name, error) of the others."""
+    from ..encoders.embed import embed_images
+    feats, kept, errors = embed_images(method.encoder, names, path_of, transform=transform,
+                                       batch_size=batch_size, num_workers=num_workers,
+                                       device=device, progress=False, skip_bad=True)
+    errors = [(e[0], e[1]) if isinstance(e, (tuple, list)) else (e["name"], e["error"]) for e in errors]
+    if not kept:
+        return np.zeros((0, 0), np.float32), [], errors
+    with torch.no_grad():
+        vectors = method.gallery_embedding(method.image_features(feats.to(device)))
+    return vectors.float().cpu().numpy(), list(kept), errors
+
+
+def _hash_all(files: dict[str, Path], progress: bool) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    hashes, bad = {}, []
+    for name, path in tqdm(files.items(), desc="hashing", unit="img", disable=not progress,
+                           total=len(files), leave=False):
+        try:
+            hashes[name] = sha256_file(path)
+        except OSError as exc:
+            bad.append((name, f"{path}: not readable ({exc.strerror or type(exc).__name__})"))
+    return hashes, bad
+
+
+def build_index(out: str | Path, gallery: str | Path | None = None, model: str | Path | None = None,
+                kind: str | None = None, add: bool = False, batch_size: int = 64,
+                chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", num_workers: int | None = None,
+                params: dict[str, Any] | None = None, progress: bool = True,
+                method: CIRMethod | None = None, log: Callable[[str], None] = print) -> BuildReport:
+    """Build ``out`` from every image under ``gallery`` with the model at ``model``.
+
+    With ``add=True`` the existing index at ``out`` is updated: unchanged images keep their
+    vectors, new or changed ones are embedded, deleted ones leave the index (and are reported);
+    ``gallery``/``model`` default to the ones stored in it. ``method`` skips loading the model
+    (tests, or callers that already hold it); ``model`` is still the reference stored.
+    """
+    from ..data.userdata import list_gallery
+
+    start = time.perf_counter()
+    out = Path(out)
+    old = None
+    if index_exists(out):
+        if not add:
+            raise ConfigError(f"{out} already holds an index; pass --add to add new or changed "
+                              f"images to it, or choose another --out")
+        old = read_index(out)
+        gallery = gallery if gallery is not None else old.gallery_path()
+        model = model if model is not None else old.model_path()
+        for what, given, stored in (("gallery", gallery, old.gallery_path()), ("model", model, old.model_path())):
+            if Path(given).resolve() != Path(stored).resolve():
+                raise ConfigError(f"--{what} {given} differs from the {what} {stored} this index was "
+                                  f"built with; build a new index with --out elsewhere", out)
+        kind = kind or old.meta.get("kind_requested", "auto")
+    elif add:
+        raise ConfigError("no index to add to (run `cir index` without --add first)", out)
+    if gallery is None or model is None:
+        raise ConfigError("both --gallery and --model are needed to build a new index")
+    kind = kind or "auto"
+    faiss_index.choose_kind(0, kind)   # validate the name before any work
+    gallery, model = Path(gallery), Path(model)
+
+    files = list_gallery(gallery)
+    if not files:
+        raise DataError("no image files in the gallery folder", gallery)
+    if method is None:
+        method = _load_method(model, device)
+    method.eval()
+    transform = method.encoder.image_transform("targetpad")
+
+    partial = PartialBuild(out)
+    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve())})
+    hashes, skipped = _hash_all(files, progress)
+
+    # what is already known: the old index, then chunks of an interrupted run (newer wins)
+    known: dict[str, tuple[str, np.ndarray]] = {}
+    if old is not None:
+        known.update({it["name"]: (it.get("sha256", ""), old.vectors[i]) for i, it in enumerate(old.items)})
+    done_vectors, done_errors = partial.load()
+    known.update(done_vectors)
+    reused_ok = {n for n, h in hashes.items() if n in known and known[n][0] == h}
+    failed_before = {n: e for n, (h, e) in done_errors.items() if hashes.get(n) == h and n not in reused_ok}
+    changed = sorted(n for n in hashes if n in known and n not in reused_ok)
+    todo = [n for n in hashes if n not in reused_ok and n not in failed_before]
+    skipped += sorted(failed_before.items())
+
+    fresh: dict[str, np.ndarray] = {}
+    with tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress) as bar:
+        for lo in range(0, len(todo), chunk_size):
+            chunk = todo[lo:lo + chunk_size]
+            vectors, kept, errors = _embed_chunk(method, chunk, files.__getitem__, transform,
+                                                 batch_size, num_workers, device)
+            partial.write_chunk(vectors, kept, [hashes[n] for n in kept],
+                                [(n, hashes[n], e) for n, e in errors])
+            fresh.update(zip(kept, vectors))
+            skipped += errors
+            bar.update(len(chunk))
+
+    names = [n for n in files if n in fresh or n in reused_ok]
+    if not names:
+        raise DataError(f"none of the {len(files)} images could be read (first: {skipped[0][1]})", gallery)
+    vectors = np.stack([fresh[n] if n in fresh else known[n][1] for n in names]).astype(np.float32)
+    items = [{"name": n, "sha256": hashes[n]} for n in names]
+    removed = sorted(set(old.names) - set(files)) if old is not None else []
+    skipped = sorted(skipped)
+
+    chosen = faiss_index.choose_kind(len(names), kind)
+    engine_params = {**faiss_index.default_params(chosen, len(names)), **(params or {})}
+    recall = None
+    writer = None
+    if chosen != "flat":
+        log(f"building {chosen} index over {len(names)} vectors")
+        engine = faiss_index.build_engine(vectors, chosen, engine_params)
+        recall = faiss_index.recall_at_k(engine, vectors, k=10, sample=RECALL_SAMPLE)
+        log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
+            f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
+        writer = lambda p: faiss_index.save_engine(engine, p)  # noqa: E731
+    meta = {
+        "model": stored_path(model, out), "gallery": stored_path(gallery, out),
+        "model_weights_sha256": model_fingerprint(model),
+        "preprocess": "targetpad", "method": method.name,
+        "kind": chosen, "kind_requested": kind, "params": engine_params,
+        "recall_at_10": recall, "recall_sample": min(RECALL_SAMPLE, len(names)) if recall is not None else None,
+        "skipped": [{"name": n, "error": e} for n, e in skipped],
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_index(out, vectors, items, meta, writer)
+    partial.clear()
+    return BuildReport(folder=out, count=len(names), embedded=len(fresh),
+                       reused=len(names) - len(fresh), kind=chosen, skipped=skipped, removed=removed,
+                       changed=changed, recall_at_10=recall, seconds=time.perf_counter() - start)
+

@@ -1,0 +1,131 @@
+"""`cir index` (build/update a gallery index) and `cir search` (query it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_text, read_jsonl
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="embed a folder of images into a searchable index",
+                       description="Embed every image under --gallery with a trained model. "
+                                   "Rerunning an interrupted build resumes it; --add updates an "
+                                   "existing index with new or changed images only.")
+    p.add_argument("--gallery", help="folder of images (searched recursively); default with --add: the stored one")
+    p.add_argument("--model", help="run folder or checkpoint folder; default with --add: the stored one")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default=None,
+                   help="search engine: exact (flat) or approximate (ivf, hnsw); auto = flat below "
+                        "50k images (default: auto, or the stored choice with --add)")
+    p.add_argument("--add", action="store_true", help="update an existing index instead of building a new one")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="images per resumable chunk written to disk while embedding")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--nlist", type=int, help="IVF: number of lists (default ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
+    p.add_argument("--ef-search", type=int, help="HNSW: candidate list size per query")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_index)
+
+    s = sub.add_parser("search", help="search an index with a reference image and a modification text")
+    s.add_argument("--index", required=True, help="index folder made by `cir index`")
+    s.add_argument("--image", help="reference: an image file, or the name of a gallery image")
+    s.add_argument("--text", help="modification text, e.g. \"make it red\"")
+    s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--queries", help="batch mode: JSONL of {\"image\": path or gallery name, \"text\": ...}")
+    s.add_argument("--out", help="batch mode: JSONL file for the results")
+    s.add_argument("--model", help="use this model instead of the one stored in the index")
+    s.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
+    s.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
+    s.add_argument("--ef-search", type=int, help="HNSW: candidate list size per query")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=run_search)
+
+
+def _params(args: argparse.Namespace) -> dict[str, int]:
+    out = {}
+    for key in ("nlist", "nprobe", "ef_search"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+            out[key] = value
+    return out
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from .build import build_index
+    for name in ("batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
+                         batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
+                         num_workers=args.num_workers, params=_params(args), progress=not args.quiet)
+    for name, error in report.skipped:
+        print(f"skipped {name}: {error}")
+    for name in report.removed:
+        print(f"removed {name} (no longer in the gallery)")
+    recall = f", recall@10 vs exact {report.recall_at_10:.4f}" if report.recall_at_10 is not None else ""
+    print(f"index {report.folder}: {report.count} images ({report.embedded} embedded, {report.reused} reused, "
+          f"{len(report.changed)} changed, {len(report.skipped)} skipped, {len(report.removed)} removed), "
+          f"{report.kind} engine{recall}, {report.seconds:.1f}s")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from .search import Searcher
+    if args.k < 1:
+        raise ConfigError(f"-k must be at least 1, got {args.k}")
+    batch = args.queries is not None
+    if batch and (args.image or args.text):
+        raise ConfigError("use either --queries (batch) or --image/--text (one query), not both")
+    if batch and not args.out:
+        raise ConfigError("--queries needs --out RESULTS.jsonl")
+    if not batch and (not args.image or args.text is None):
+        raise ConfigError("give --image and --text (or --queries FILE.jsonl --out RESULTS.jsonl)")
+    searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
+                             search_params=_params(args))
+    if batch:
+        return _run_batch(searcher, Path(args.queries), Path(args.out), args.k)
+    hits = searcher.search(searcher.reference(args.image), args.text, args.k)
+    if args.json:
+        json.dump({"image": args.image, "text": args.text, "results": [h.as_dict() for h in hits]},
+                  sys.stdout, indent=2)
+        print()
+    else:
+        width = max([len(h.name) for h in hits] + [4])
+        print(f"{'rank':>4}  {'score':>7}  name")
+        for h in hits:
+            print(f"{h.rank:>4}  {h.score:7.4f}  {h.name:<{width}}".rstrip())
+    return 0
+
+
+def _run_batch(searcher, queries: Path, out: Path, k: int, batch_size: int = 32) -> int:
+    rows = read_jsonl(queries, "query JSONL file")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("text"), str):
+            raise DataError(f"query {i} must be an object with string fields 'image' and 'text'", queries)
+        if not row["text"].strip():
+            raise DataError(f"query {i} has an empty 'text'", queries)
+    lines = []
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo:lo + batch_size]
+        refs = []
+        for i, row in enumerate(chunk, lo + 1):
+            try:
+                refs.append(searcher.reference(row["image"]))
+            except DataError as exc:
+                raise DataError(f"query {i}: {exc}", queries) from None
+        for row, hits in zip(chunk, searcher.search_many(refs, [r["text"] for r in chunk], k)):
+            lines.append(json.dumps({"image": row["image"], "text": row["text"],
+                                     "results": [h.as_dict() for h in hits]}))
+    atomic_write_text(out, "\n".join(lines) + ("\n" if lines else ""))
+    print(f"wrote {len(lines)} results to {out}")
+    return 0

@@ -1,0 +1,212 @@
+"""Query an index: (reference image, modification text) -> ranked gallery images.
+
+The model comes from the reference stored in the index, so a query is encoded by exactly the
+model that embedded the gallery (its weights hash is checked when the checkpoint records one).
+When the reference is itself a gallery image it is left out of the results (CIRR's protocol,
+and what a person refining a search expects); an uploaded file is matched by content hash.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import MAX_IMAGE_PIXELS, load_image
+from ..errors import CheckpointError, DataError
+from ..methods.base import CIRMethod
+from . import faiss_index
+from .store import IndexData, read_index, sha256_file
+
+
+class UnsafeName(DataError):
+    """A name that tries to leave the gallery folder (absolute, '..', symlink outside)."""
+
+
+class UnknownImage(DataError):
+    """A well-formed name that is not an image of the index."""
+
+
+@dataclass
+class Hit:
+    rank: int
+    name: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "name": self.name, "score": round(self.score, 6)}
+
+
+@dataclass
+class Reference:
+    """A query's reference image: the decoded image plus what identifies it in the gallery."""
+
+    image: Image.Image
+    name: str | None = None        # gallery name, when the reference is a gallery image
+    sha256: str | None = None      # content hash, to leave an identical gallery file out
+
+
+class GalleryIndex:
+    """Vectors + FAISS engine of one index folder."""
+
+    def __init__(self, data: IndexData, search_params: dict[str, Any] | None = None) -> None:
+        self.data = data
+        self.names = data.names
+        self.position = {n: i for i, n in enumerate(self.names)}
+        self.rows_by_hash: dict[str, list[int]] = {}
+        for i, it in enumerate(data.items):
+            self.rows_by_hash.setdefault(it.get("sha256", ""), []).append(i)
+        if data.kind == "flat" or data.engine_path is None:
+            self.engine = faiss_index.build_engine(data.vectors, "flat")
+        else:
+            self.engine = faiss_index.load_engine(data.engine_path)
+            if self.engine.ntotal != len(self.names):
+                raise CheckpointError(f"FAISS index holds {self.engine.ntotal} vectors, the index "
+                                      f"{len(self.names)}", data.engine_path)
+        params = {**(data.meta.get("params") or {}), **(search_params or {})}
+        faiss_index.set_search_params(self.engine, params)
+
+    @classmethod
+    def open(cls, folder: str | Path, search_params: dict[str, Any] | None = None) -> "GalleryIndex":
+        return cls(read_index(folder), search_params)
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None) -> list[list[Hit]]:
+        """Top-k hits per query row, leaving out the rows in ``exclude[i]`` for query i."""
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        scores, ids = faiss_index.search(self.engine, queries, k + extra)
+        out = []
+        for i in range(len(ids)):
+            skip = exclude[i] if exclude else set()
+            hits = [(int(j), float(s)) for j, s in zip(ids[i], scores[i]) if j >= 0 and int(j) not in skip]
+            out.append([Hit(r + 1, self.names[j], s) for r, (j, s) in enumerate(hits[:k])])
+        return out
+
+
+class Searcher:
+    """A loaded method + index + gallery folder; thread-safe for the HTTP service."""
+
+    def __init__(self, index: GalleryIndex, method: CIRMethod, gallery: str | Path,
+                 device: str = "cpu", max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        self.index = index
+        self.method = method.to(device).eval()
+        self.device = device
+        self.gallery = Path(gallery).absolute()
+        self.gallery_real = Path(os.path.realpath(self.gallery))
+        self.transform = method.encoder.image_transform(index.data.meta.get("preprocess", "targetpad"))
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, index_dir: str | Path, model: str | Path | None = None, gallery: str | Path | None = None,
+             device: str = "cpu", search_params: dict[str, Any] | None = None,
+             method: CIRMethod | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> "Searcher":
+        """Load the index and its model (``model`` overrides the stored reference)."""
+        index = GalleryIndex.open(index_dir, search_params)
+        data = index.data
+        if method is None:
+            from ..train.checkpoint import load_method
+            model_path = Path(model) if model is not None else data.model_path()
+            _check_fingerprint(model_path, data.meta.get("model_weights_sha256"), data.folder)
+            method = load_method(model_path, device=device)
+        gallery_path = Path(gallery) if gallery is not None else data.gallery_path()
+        if not gallery_path.is_dir():
+            raise DataError("gallery folder of this index not found (pass --gallery)", gallery_path)
+        return cls(index, method, gallery_path, device=device, max_pixels=max_pixels)
+
+    # ---- gallery files ----------------------------------------------------------------
+    def gallery_file(self, name: str) -> Path:
+        """The file of gallery image ``name``; UnsafeName / UnknownImage otherwise."""
+        from ..data.userdata import safe_name
+        try:
+            clean = safe_name(name)
+        except ValueError as exc:
+            raise UnsafeName(f"image name {name!r} {exc}") from None
+        if clean not in self.index.position:
+            raise UnknownImage(f"no image named {clean!r} in this gallery")
+        path = self.gallery / clean
+        real = Path(os.path.realpath(path))
+        if self.gallery_real not in real.parents:
+            raise UnsafeName(f"image name {clean!r} resolves outside the gallery folder")
+        if not real.is_file():
+            raise UnknownImage(f"gallery image {clean!r} is no longer on disk")
+        return real
+
+    def reference(self, ref: str | Path) -> Reference:
+        """A file path if one exists, else a gallery name."""
+        path = Path(ref)
+        if path.is_file():
+            return Reference(load_image(path, self.max_pixels), None, sha256_file(path))
+        try:
+            gallery_path = self.gallery_file(str(ref))
+        except UnknownImage:
+            raise DataError(f"reference {str(ref)!r} is neither an image file nor a gallery image name") from None
+        return self.reference_by_name(str(ref), gallery_path)
+
+    def reference_by_name(self, name: str, path: Path | None = None) -> Reference:
+        path = path or self.gallery_file(name)
+        from ..data.userdata import safe_name
+        return Reference(load_image(path, self.max_pixels), safe_name(name), None)
+
+    # ---- queries ----------------------------------------------------------------------
+    def query_vectors(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
+        """Normalised composed queries ``[B, d]`` (float32)."""
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise DataError("the modification text is empty")
+        pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
+        with self._lock, torch.no_grad():
+            tokens = self.method.encoder.tokenize(list(texts)).to(self.device)
+            query = self.method.compose(self.method.image_features(pixels),
+                                        self.method.text_features(tokens))
+        q = query.float().cpu().numpy()
+        if q.shape[1] != self.index.dim:
+            raise CheckpointError(f"the model gives {q.shape[1]}-d queries but the index holds "
+                                  f"{self.index.dim}-d vectors (wrong --model?)", self.index.data.folder)
+        return q
+
+    def _exclude(self, ref: Reference) -> set[int]:
+        rows = set()
+        if ref.name is not None and ref.name in self.index.position:
+            rows.add(self.index.position[ref.name])
+        if ref.sha256:
+            rows.update(self.index.rows_by_hash.get(ref.sha256, []))
+        return rows
+
+    def search_many(self, refs: Sequence[Reference], texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        if len(refs) != len(texts):
+            raise ValueError("one text per reference")
+        q = self.query_vectors([r.image for r in refs], texts)
+        return self.index.search(q, k, [self._exclude(r) for r in refs])
+
+    def search(self, ref: Reference, text: str, k: int = 10) -> list[Hit]:
+        return self.search_many([ref], [text], k)[0]
+
+
+def model_fingerprint(model: str | Path) -> str | None:
+    """The weights hash a checkpoint records, if any (to notice a retrained model later)."""
+    try:
+        from ..train.checkpoint import read_checkpoint_meta, resolve_checkpoint
+        return read_checkpoint_meta(resolve_checkpoint(model)).get("weights_sha256")
+    except Exception:  # no checkpoint module or no hash: nothing to compare against
+        return None
+
+
+def _check_fingerprint(model: Path, expected: str | None, folder: Path) -> None:
+    if not expected:
+        return
+    now = model_fingerprint(model)
+    if now is not None and now != expected:
+        raise CheckpointError(f"the model at {model} changed since this index was built "
+                              f"(weights hash differs); rebuild the index with `cir index`", folder)

@@ -1,0 +1,229 @@
+"""The on-disk index: vectors, image names + content hashes, engine and metadata.
+
+Layout of an index folder::
+
+    index.json              metadata; names the current generation's files (written last)
+    vectors-<gen>.npy       float32 [N, d], L2-normalised, row i = items[i]
+    items-<gen>.json        [{"name": relative posix path, "sha256": hex of the file bytes}]
+    engine-<gen>.faiss      approximate engines only (an exact one is rebuilt from the vectors)
+    partial/                chunks of a build in progress (deleted when the build completes)
+
+Every file is written atomically and ``index.json`` only after the files it names, so an
+interrupted write (``--add`` included) leaves the previous complete index readable. Files of
+older generations are deleted once the new ``index.json`` is in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, atomic_write_json, read_json
+
+FORMAT = "composed-retrieval-index/1"
+META = "index.json"
+PARTIAL = "partial"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stored_path(path: str | Path, folder: Path) -> dict[str, str]:
+    """A path kept both absolute and relative to the index folder, so a moved index whose
+    model/gallery moved along with it still finds them."""
+    absolute = Path(path).absolute()
+    return {"path": str(absolute), "relative": os.path.relpath(absolute, folder.absolute())}
+
+
+def resolve_stored(entry: dict[str, str] | str, folder: Path) -> Path:
+    """The absolute path if it exists, else the one relative to the index folder."""
+    if isinstance(entry, str):
+        return Path(entry)
+    absolute = Path(entry["path"])
+    if absolute.exists():
+        return absolute
+    relative = folder / entry.get("relative", "")
+    return relative if entry.get("relative") and relative.exists() else absolute
+
+
+@dataclass
+class IndexData:
+    """A complete index read back from disk."""
+
+    folder: Path
+    meta: dict[str, Any]
+    vectors: np.ndarray                      # float32 [N, d]
+    items: list[dict[str, str]]              # name, sha256; aligned with vectors
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = [it["name"] for it in self.items]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def engine_path(self) -> Path | None:
+        name = self.meta.get("files", {}).get("engine")
+        return self.folder / name if name else None
+
+    def model_path(self) -> Path:
+        return resolve_stored(self.meta["model"], self.folder)
+
+    def gallery_path(self) -> Path:
+        return resolve_stored(self.meta["gallery"], self.folder)
+
+
+def index_exists(folder: str | Path) -> bool:
+    return (Path(folder) / META).is_file()
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError("index folder not found (build one with `cir index`)", folder)
+    meta = read_json(folder / META, "index metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"not an index of format {FORMAT}", folder / META)
+    return meta
+
+
+def read_index(folder: str | Path) -> IndexData:
+    """Read and cross-check an index; any mismatch is a one-line CheckpointError."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    files = meta.get("files") or {}
+    vec_path, items_path = folder / files.get("vectors", "?"), folder / files.get("items", "?")
+    if not vec_path.is_file():
+        raise CheckpointError("index vectors file is missing", vec_path)
+    try:
+        vectors = np.load(vec_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable index vectors ({str(exc).splitlines()[0][:200]})", vec_path) from None
+    items = read_json(items_path, "index items file")
+    if not isinstance(items, list) or not all(isinstance(it, dict) and "name" in it for it in items):
+        raise CheckpointError("index items file is not a list of {name, sha256}", items_path)
+    if vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise CheckpointError(f"index vectors must be float32 [N, d], got {vectors.dtype} {vectors.shape}", vec_path)
+    if vectors.shape[0] != len(items) or len(items) != meta.get("count"):
+        raise CheckpointError(f"index is inconsistent: {vectors.shape[0]} vectors, {len(items)} items, "
+                              f"count {meta.get('count')} in {META}", folder)
+    if vectors.shape[1] != meta.get("dim"):
+        raise CheckpointError(f"index vectors have dimension {vectors.shape[1]}, {META} says {meta.get('dim')}", vec_path)
+    return IndexData(folder, meta, vectors, items)
+
+
+def write_index(folder: str | Path, vectors: np.ndarray, items: list[dict[str, str]],
+                meta: dict[str, Any], engine_writer: Any = None) -> Path:
+    """Write a new generation, then ``index.json``, then delete the previous generation.
+
+    ``engine_writer(path)`` writes the FAISS file of an approximate index (None for exact).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = secrets.token_hex(4)
+    files = {"vectors": f"vectors-{gen}.npy", "items": f"items-{gen}.json"}
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def save_npy(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.save(fh, vectors, allow_pickle=False)
+
+    atomic_write(folder / files["vectors"], save_npy)
+    atomic_write_json(folder / files["items"], items, indent=None)
+    if engine_writer is not None:
+        files["engine"] = f"engine-{gen}.faiss"
+        engine_writer(folder / files["engine"])
+    old = set()
+    if index_exists(folder):
+        try:
+            old = set((read_json(folder / META).get("files") or {}).values())
+        except Exception:  # an unreadable old index has nothing worth keeping
+            old = set()
+    full = {"format": FORMAT, **meta, "count": int(vectors.shape[0]),
+            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "files": files}
+    atomic_write_json(folder / META, full)
+    for name in old - set(files.values()):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+class PartialBuild:
+    """Chunks of an interrupted build: each chunk holds the vectors of the images it embedded
+    and the images it could not read, keyed by name and content hash, so a rerun skips them."""
+
+    def __init__(self, index_folder: str | Path) -> None:
+        self.folder = Path(index_folder) / PARTIAL
+
+    def check_plan(self, plan: dict[str, Any]) -> None:
+        """Start a new partial build or verify that the one on disk used the same model/gallery."""
+        path = self.folder / "plan.json"
+        if path.is_file():
+            old = read_json(path, "partial build plan")
+            if old != plan:
+                raise ConfigError(
+                    f"an interrupted build with another model or gallery is in {self.folder}; "
+                    f"rerun with the same --model/--gallery ({old.get('model')}, {old.get('gallery')}) "
+                    f"or delete that folder")
+        else:
+            atomic_write_json(path, plan)
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.npz")) if self.folder.is_dir() else []
+
+    def load(self) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, tuple[str, str]]]:
+        """({name: (sha256, vector)}, {name: (sha256, error)}) of every completed chunk."""
+        vectors: dict[str, tuple[str, np.ndarray]] = {}
+        errors: dict[str, tuple[str, str]] = {}
+        for path in self.chunks():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    for name, h, v in zip(z["names"].tolist(), z["sha256"].tolist(), z["vectors"]):
+                        vectors[name] = (h, np.asarray(v, dtype=np.float32))
+                    for name, h, e in zip(z["error_names"].tolist(), z["error_sha256"].tolist(),
+                                          z["error_messages"].tolist()):
+                        errors[name] = (h, e)
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]}); "
+                                      f"delete {self.folder} to start over", path) from None
+        return vectors, errors
+
+    def write_chunk(self, vectors: np.ndarray, names: list[str], hashes: list[str],
+                    errors: Iterable[tuple[str, str, str]]) -> Path:
+        """``errors``: (name, sha256, message) of the images of this chunk that failed."""
+        errors = list(errors)
+        number = len(self.chunks())
+        path = self.folder / f"chunk-{number:06d}.npz"
+        while path.exists():
+            number += 1
+            path = self.folder / f"chunk-{number:06d}.npz"
+        d = vectors.shape[1] if vectors.ndim == 2 else 0
+        arrays = {
+            "vectors": np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(names), d),
+            "names": np.array(names, dtype=str), "sha256": np.array(hashes, dtype=str),
+            "error_names": np.array([e[0] for e in errors], dtype=str),
+            "error_sha256": np.array([e[1] for e in errors], dtype=str),
+            "error_messages": np.array([e[2] for e in errors], dtype=str),
+        }
+
+        def save(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        return atomic_write(path, save)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,45 @@
+"""`cir serve`: the HTTP API and web page over one index, in one command."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an index over HTTP with a search web page",
+                       description="Start a web server: the search page at /, the JSON API at "
+                                   "/search, its documentation at /docs.")
+    p.add_argument("--index", required=True, help="index folder made by `cir index`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="use this model instead of the one stored in the index")
+    p.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest accepted image, width x height (default 40 million)")
+    p.add_argument("--max-text-chars", type=int, default=500, help="longest accepted modification text")
+    p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .app import Limits, create_app
+    from ..index.search import Searcher
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    for name in ("max_upload_mb", "max_image_pixels", "max_text_chars", "max_k"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    import uvicorn
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                    max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
+                    max_k=args.max_k)
+    searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
+                             max_pixels=limits.max_image_pixels)
+    app = create_app(searcher, limits)
+    print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
+          f"(API docs at /docs); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
