@@ -12,9 +12,14 @@ def batch_contrastive(query: torch.Tensor, target: torch.Tensor, scale: float = 
     ``query`` and ``target`` are L2-normalised ``[B, d]``; under DDP the caller passes the
     gathered targets and the matching global ``labels``.
     """
-    logits = scale * query @ target.t()
+    return diagonal_cross_entropy(scale * query @ target.t(), labels)
+
+
+def diagonal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """CE of ready-made ``[B, N]`` logits against the diagonal (or ``labels``): for methods that
+    mix several logit matrices before the softmax (CaLa)."""
     if labels is None:
-        labels = torch.arange(query.shape[0], device=query.device)
+        labels = torch.arange(logits.shape[0], device=logits.device)
     return F.cross_entropy(logits, labels)
 
 

@@ -1,0 +1,142 @@
+"""CaLa: complementary association learning (Jiang et al., arXiv 2405.19149; SIGIR 2024).
+
+Three relations of a triplet (reference R, text C, target T), all used only in training:
+* query-target matching: ``logits_match = 100 * q @ L2norm(T).T`` with ``q`` from the query
+  compositor;
+* complementary text reasoning: the twin attention compositor fuses R and T and must identify
+  the text, ``logits_align = s_align * C @ TAC(R, T).T`` (``s_align`` = 10);
+* text-bridged image alignment: the hinge-based cross attention builds a pseudo-target
+  ``HCA(R, C, T)`` that must identify its reference, ``logits_reason = s_reason * HCA @ R.T``
+  (``s_reason`` = 10), the "reasoning" cross-entropy.
+
+    loss = w_hca * CE(logits_reason) + (1 - w_hca) * CE(w_tac * logits_align + (1 - w_tac) * logits_match)
+
+with ``w_tac = 0.45``, ``w_hca = 0.1``. All of this is how CaLa's public code computes it
+(github.com/Chiangsonw/CaLa, ``src/blip_fine_tune.py`` and README: scales 100/10/10, the mixed
+logits, ``--tac-weight 0.45 --hca-weight 0.1``; RN50x4 with ``--embeds-dim 640``, 30 epochs,
+batch 64, lr 5e-6 for the CLIP text tower and 2x for TAC/HCA, AdamW weight decay 0.05, cosine
+schedule; the CLIP image tower is not optimised).
+
+The query compositor. The public code's CLIP variant trains CLIP4Cir's element-wise sum
+(``cir_frame="sum"``, text tower fine-tuned), its BLIP-2 variant a Q-former (or ARTEMIS). On our
+encoder interface the default is CLIP4Cir's Combiner (``compositor: "combiner"``, the same
+``CombinerNet`` DRA uses); ``compositor: "sum"`` reproduces the public CLIP recipe. Inference
+uses the query compositor only; TAC and HCA are training-time modules.
+
+Differences from the public code, on purpose: features in every logit are L2-normalised (the
+public align/reason logits use raw features, so their scale is not a temperature); HCA masks
+padding text tokens and uses a mean query token (see ``hca.py``); TAC has learned CLS tokens
+(see ``tac.py``).
+
+Config (``method_config``): ``tac``, ``hca`` (bool switches), ``w_tac``, ``w_hca``,
+``compositor`` ("combiner" | "sum"), ``match_scale``, ``align_scale``, ``reason_scale``,
+``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``, ``hca_dropout``,
+``hca_query`` ("mean" | "first"), ``projection_dim``, ``hidden_dim``, ``dropout`` (Combiner).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoders.base import EncoderPair, Features
+from ..errors import ConfigError
+from ..losses import diagonal_cross_entropy
+from .base import CIRMethod
+from .combiner import CombinerNet
+from .dra import check_weight, excluding, read_options, require_tokens, sum_compose
+from .hca import HingeCrossAttention
+from .registry import register_method
+from .tac import TwinAttentionCompositor
+
+COMPOSITORS = ("combiner", "sum")
+
+
+@register_method("cala")
+class CaLa(CIRMethod):
+    """Query compositor trained with matching, complementary text reasoning and text-bridged
+    image alignment."""
+
+    DEFAULTS: dict[str, Any] = {
+        "tac": True, "hca": True, "w_tac": 0.45, "w_hca": 0.1, "compositor": "combiner",
+        "match_scale": 100.0, "align_scale": 10.0, "reason_scale": 10.0,
+        "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False,
+        "hca_dropout": 0.1, "hca_query": "mean",
+        "projection_dim": None, "hidden_dim": None, "dropout": 0.5,
+    }
+
+    def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
+        super().__init__(encoder, config)
+        self.options = o = read_options(self.name, self.config, self.DEFAULTS)
+        # w = 1 would leave the query compositor without any training signal
+        check_weight(self.name, "w_tac", o["w_tac"], upper_open=True)
+        check_weight(self.name, "w_hca", o["w_hca"], upper_open=True)
+        if o["compositor"] not in COMPOSITORS:
+            raise ConfigError(f"method_config.compositor: expected one of {', '.join(COMPOSITORS)} for cala, "
+                              f"got {o['compositor']!r}")
+        d = encoder.embed_dim
+        self.tac = TwinAttentionCompositor(encoder.image_token_dim, d, num_layers=o["tac_layers"],
+                                           num_heads=o["tac_heads"], dropout=o["tac_dropout"],
+                                           share_layers=o["tac_share_layers"])
+        self.hca = HingeCrossAttention(encoder.image_token_dim, encoder.text_token_dim, d,
+                                       dropout=o["hca_dropout"], query=o["hca_query"])
+        self.combiner = (CombinerNet(d, o["projection_dim"], o["hidden_dim"], o["dropout"])
+                         if o["compositor"] == "combiner" else None)
+
+    @property
+    def uses_tac(self) -> bool:
+        return self.options["tac"] and self.options["w_tac"] > 0
+
+    @property
+    def uses_hca(self) -> bool:
+        return self.options["hca"] and self.options["w_hca"] > 0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        unused: list[nn.Module] = []
+        if not self.uses_tac:
+            unused.append(self.tac)
+        if not self.uses_hca:
+            unused.append(self.hca)
+        return excluding(super().trainable_parameters(), unused)
+
+    def compose(self, reference: Features, text: Features) -> torch.Tensor:
+        if self.combiner is None:
+            return sum_compose(reference.pooled.float(), text.pooled.float())
+        return F.normalize(self.combiner(reference.pooled.float(), text.pooled.float()), dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        o = self.options
+        reference = self.image_features(batch["reference"])
+        target = self.image_features(batch["target"])
+        text = self.text_features(batch["text"])
+        target_vec = self.gallery_embedding(target)
+        text_vec = F.normalize(text.pooled.float(), dim=-1)
+
+        logits_match = o["match_scale"] * self.compose(reference, text) @ target_vec.t()
+        out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
+        logits = logits_match
+        if self.uses_tac:
+            require_tokens(reference, "reference image", self.name)
+            require_tokens(target, "target image", self.name)
+            fused = self.tac(reference.tokens.float(), target.tokens.float(), reference.mask, target.mask)
+            logits_align = o["align_scale"] * text_vec @ F.normalize(fused, dim=-1).t()
+            out["align"] = diagonal_cross_entropy(logits_align.detach())
+            logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
+        contrastive = diagonal_cross_entropy(logits)
+        out["contrastive"] = contrastive.detach()
+        loss = contrastive
+        if self.uses_hca:
+            require_tokens(reference, "reference image", self.name)
+            require_tokens(target, "target image", self.name)
+            require_tokens(text, "text", self.name)
+            pseudo_target = self.hca(reference.tokens.float(), text.tokens.float(), target.tokens.float(),
+                                     reference.mask, text.mask, target.mask)
+            reference_vec = F.normalize(reference.pooled.float(), dim=-1)
+            logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ reference_vec.t()
+            reasoning = diagonal_cross_entropy(logits_reason)
+            out["reasoning"] = reasoning.detach()
+            loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive
+        out["loss"] = loss
+        return out
