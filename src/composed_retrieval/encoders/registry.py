@@ -1,0 +1,107 @@
+"""Encoder names -> EncoderPair instances, and safe checkpoint reading.
+
+Names: ``tiny`` (built in) or ``open_clip:<model>`` (e.g. ``open_clip:RN50x4``). Checkpoints are
+read with safetensors or ``torch.load(weights_only=True)`` only, so a weights file can never run
+code; OpenAI's TorchScript archives (which ``weights_only`` refuses) go through
+``torch.jit.load``, whose loader only builds TorchScript types, never arbitrary Python objects,
+and only their state dict is kept.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .base import EncoderPair
+
+OPEN_CLIP_PREFIX = "open_clip:"
+ENCODER_CHOICES = ("tiny", "open_clip:<model> (e.g. open_clip:RN50x4, open_clip:ViT-B-32, open_clip:ViT-L-14)")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a TorchScript zip (it holds ``constants.pkl``, a torch.save zip does not)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` from a .safetensors file, a torch.save file (optionally wrapped
+    as ``{"state_dict": ...}`` and/or with DDP's ``module.`` prefix) or a TorchScript archive."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(path), device="cpu")
+        elif is_torchscript_archive(path):
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad header, refused pickle global, ...
+        raise CheckpointError(f"corrupt, truncated or unsupported checkpoint ({_one_line(exc)})", path) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError("expected a non-empty state dict of named tensors", path)
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load a state dict file into ``module`` strictly; a mismatch is a one-line CheckpointError."""
+    state = read_state_dict(path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint does not fit this encoder: {_one_line(exc)}", path) from None
+
+
+def available_encoders() -> tuple[str, ...]:
+    return ENCODER_CHOICES
+
+
+def build_encoder(name: str, checkpoint: str | Path | None = None, **kw: Any) -> EncoderPair:
+    """``tiny`` or ``open_clip:<model>``; ``checkpoint`` is a local weights file (None: random)."""
+    if name == "tiny":
+        from .tiny import TinyEncoder
+        try:
+            encoder: EncoderPair = TinyEncoder(**kw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad options for the tiny encoder: {_one_line(exc)}") from None
+        if checkpoint is not None:
+            load_weights(encoder, checkpoint)
+            encoder.config["checkpoint"] = str(Path(checkpoint).resolve())
+        return encoder
+    if isinstance(name, str) and name.startswith(OPEN_CLIP_PREFIX) and len(name) > len(OPEN_CLIP_PREFIX):
+        from .openclip import OpenCLIPEncoder
+        try:
+            return OpenCLIPEncoder(name[len(OPEN_CLIP_PREFIX):], checkpoint=checkpoint, **kw)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for encoder {name!r}: {_one_line(exc)}") from None
+    raise ConfigError(f"unknown encoder {name!r}; expected one of: {', '.join(ENCODER_CHOICES)}")
+
+
+def encoder_from_config(cfg: dict[str, Any]) -> EncoderPair:
+    """Rebuild an encoder from its ``encoder.config`` (name, kwargs, checkpoint)."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("name"), str):
+        raise ConfigError("encoder config must be an object with a string 'name'")
+    kwargs = cfg.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError("encoder config field 'kwargs' must be an object")
+    return build_encoder(cfg["name"], checkpoint=cfg.get("checkpoint"), **kwargs)
