@@ -1,0 +1,215 @@
+"""The HTTP API and web page over one index (FastAPI).
+
+Every user mistake is a 4xx JSON ``{"detail": "<one line>"}``; nothing returns a traceback.
+Gallery files are served only by their indexed name, after checking that the name and its
+resolved path stay inside the gallery folder, so '..', absolute paths and symlinks that point
+elsewhere cannot read other files.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from ..data.images import load_image
+from ..errors import CIRError, DataError
+from ..index.search import Reference, Searcher, UnknownImage, UnsafeName
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    """What one request may send or ask for."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 500
+    max_k: int = 100
+    thumbnail_px: int = 256
+    thumbnail_cache: int = 4096          # thumbnails kept in memory (about 10 kB each)
+    gallery_page: int = 200              # most names one /gallery request returns
+
+
+class ThumbnailCache:
+    """Small JPEGs made on first request and kept (LRU), keyed by file identity so that an
+    image changed on disk gets a fresh thumbnail."""
+
+    def __init__(self, size_px: int, max_items: int, max_pixels: int) -> None:
+        self.size_px, self.max_items, self.max_pixels = size_px, max_items, max_pixels
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> bytes:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        image = load_image(path, self.max_pixels)
+        image.thumbnail((self.size_px, self.size_px))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        data = buf.getvalue()
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return data
+
+
+def _url(prefix: str, name: str) -> str:
+    return f"/{prefix}/{quote(name, safe='/')}"
+
+
+def _fail(status: int, detail: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=" ".join(detail.split()))
+
+
+def _gallery_error(exc: CIRError) -> HTTPException:
+    return _fail(404 if isinstance(exc, UnknownImage) else 400, str(exc))
+
+
+def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
+    """The service for one loaded :class:`Searcher` (``cir serve`` builds it from an index)."""
+    limits = limits or Limits()
+    searcher.max_pixels = limits.max_image_pixels
+    thumbs = ThumbnailCache(limits.thumbnail_px, limits.thumbnail_cache, limits.max_image_pixels)
+    app = FastAPI(title="composed-retrieval search",
+                  description="Search a gallery with a reference image and a modification text.")
+
+    # ---- errors: one line of JSON, never a traceback -----------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+            field = ".".join(loc) or "request"
+            parts.append(f"field '{field}' is required" if err.get("type") == "missing"
+                         else f"field '{field}': {err.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(CIRError)
+    async def _cir(request: Request, exc: CIRError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.middleware("http")
+    async def _upload_size(request: Request, call_next):
+        """Refuse an oversized body before it is read, when the client announces its size."""
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() \
+                and int(length) > limits.max_upload_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"request body of {int(length)} bytes is above the upload "
+                                           f"limit of {limits.max_upload_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    # ---- pages and files ---------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz", summary="Liveness and index facts")
+    def healthz() -> dict:
+        meta = searcher.index.data.meta
+        return {"status": "ok", "images": len(searcher.index), "engine": meta.get("kind"),
+                "method": meta.get("method"), "dim": searcher.index.dim}
+
+    @app.get("/gallery", summary="Names of gallery images, a page at a time")
+    def gallery(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1)) -> dict:
+        limit = min(limit, limits.gallery_page)
+        names = searcher.index.names[offset:offset + limit]
+        return {"total": len(searcher.index), "offset": offset,
+                "items": [{"name": n, "thumbnail_url": _url("thumbnails", n), "image_url": _url("images", n)}
+                          for n in names]}
+
+    @app.get("/images/{name:path}", summary="A gallery image file")
+    def image(name: str) -> FileResponse:
+        try:
+            path = searcher.gallery_file(name)
+        except (UnsafeName, UnknownImage) as exc:
+            raise _gallery_error(exc) from None
+        return FileResponse(path)
+
+    @app.get("/thumbnails/{name:path}", summary="A small JPEG of a gallery image")
+    def thumbnail(name: str) -> Response:
+        try:
+            path = searcher.gallery_file(name)
+        except (UnsafeName, UnknownImage) as exc:
+            raise _gallery_error(exc) from None
+        try:
+            data = thumbs.get(path)
+        except DataError as exc:
+            raise _fail(422, f"gallery image {name!r} is not readable: {exc}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    # ---- search ------------------------------------------------------------------------
+    @app.post("/search", summary="Search with a reference (upload or gallery name) and a text")
+    def search(text: str = Form(..., description="modification text"),
+               k: int = Form(10, description="number of results"),
+               name: str | None = Form(None, description="reference: a gallery image name"),
+               image: UploadFile | None = File(None, description="reference: an image file")) -> dict:
+        if not text.strip():
+            raise _fail(422, "field 'text' is empty")
+        if len(text) > limits.max_text_chars:
+            raise _fail(422, f"text is {len(text)} characters, above the limit of {limits.max_text_chars}")
+        if not 1 <= k <= limits.max_k:
+            raise _fail(422, f"k must be between 1 and {limits.max_k}, got {k}")
+        has_upload = image is not None and (image.filename or image.size)
+        if has_upload and name:
+            raise _fail(422, "give either an uploaded 'image' or a gallery 'name', not both")
+        if not has_upload and not name:
+            raise _fail(422, "give a reference: an uploaded 'image' file or a gallery image 'name'")
+        if has_upload:
+            ref = _read_upload(image, limits, searcher.max_pixels)
+        else:
+            try:
+                ref = searcher.reference_by_name(name)
+            except (UnsafeName, UnknownImage) as exc:
+                raise _gallery_error(exc) from None
+            except DataError as exc:
+                raise _fail(422, f"gallery image {name!r} is not readable: {exc}") from None
+        hits = searcher.search(ref, text, k)
+        return {"text": text, "reference": {"name": ref.name},
+                "results": [{**h.as_dict(), "thumbnail_url": _url("thumbnails", h.name),
+                             "image_url": _url("images", h.name)} for h in hits]}
+
+    return app
+
+
+def _read_upload(upload: UploadFile, limits: Limits, max_pixels: int) -> Reference:
+    data = upload.file.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise _fail(413, f"uploaded image is above the limit of {limits.max_upload_bytes} bytes")
+    if not data:
+        raise _fail(400, "uploaded image is empty")
+    # load_image holds the decoding rules (formats, modes, pixel limit, one-line errors)
+    with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            image = load_image(tmp.name, max_pixels)
+        except DataError as exc:
+            message = str(exc)
+            if exc.path and message.startswith(exc.path):
+                message = message[len(exc.path):].lstrip(": ")
+            label = upload.filename or "upload"
+            raise _fail(400, f"uploaded file {label!r}: {message}") from None
+    return Reference(image, None, hashlib.sha256(data).hexdigest())
