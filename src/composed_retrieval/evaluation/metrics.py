@@ -29,9 +29,10 @@ def _check_features(queries: Tensor, gallery: Tensor) -> None:
         raise ConfigError(
             f"query features have dim {queries.shape[1]} but gallery features have dim {gallery.shape[1]}"
         )
-    if not bool(torch.isfinite(queries).all()):
+    # a sum is NaN/inf when any element is (one cheap reduction instead of a mask)
+    if not bool(torch.isfinite(queries.sum(dtype=torch.float64))):
         raise DataError("query features contain NaN or infinite values")
-    if not bool(torch.isfinite(gallery).all()):
+    if not bool(torch.isfinite(gallery.sum(dtype=torch.float64))):
         raise DataError("gallery features contain NaN or infinite values")
 
 
@@ -65,20 +66,26 @@ def topk_block(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = scores.shape[1]
     if not 1 <= k <= n:
         raise ConfigError(f"k must be between 1 and the gallery size {n}, got {k}")
-    vals, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    # order inside the top-k: by index ascending, then a stable sort by score descending
-    idx, _ = torch.sort(idx, dim=1)
-    vals = torch.gather(scores, 1, idx)
-    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-    idx = torch.gather(idx, 1, perm)
-    if k < n:
-        # rows where more entries than k reach the k-th value: ties straddle the cut
-        kth = vals[:, -1:]
-        straddle = torch.nonzero((scores >= kth).sum(dim=1) > k).flatten()
-        if straddle.numel():
-            s_vals, s_idx = torch.sort(scores[straddle], dim=1, descending=True, stable=True)
-            vals[straddle] = s_vals[:, :k]
-            idx[straddle] = s_idx[:, :k]
+    # one extra column shows whether ties straddle the k-th place: then the k-th and the
+    # (k+1)-th largest values are equal and the top-k set itself depends on the tie rule
+    vals, idx = torch.topk(scores, min(k + 1, n), dim=1, largest=True, sorted=True)
+    straddle = vals[:, k] == vals[:, k - 1] if k < n else None
+    vals, idx = vals[:, :k], idx[:, :k]
+    if k > 1:
+        # ties inside the top-k: reorder those rows by index, then stable by score descending
+        tied = torch.nonzero((vals[:, 1:] == vals[:, :-1]).any(dim=1)).flatten()
+        if tied.numel():
+            t_idx, _ = torch.sort(idx[tied], dim=1)
+            t_vals = torch.gather(scores[tied], 1, t_idx)
+            t_vals, perm = torch.sort(t_vals, dim=1, descending=True, stable=True)
+            vals[tied] = t_vals
+            idx[tied] = torch.gather(t_idx, 1, perm)
+    if straddle is not None:
+        rows = torch.nonzero(straddle).flatten()
+        if rows.numel():
+            s_vals, s_idx = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+            vals[rows] = s_vals[:, :k]
+            idx[rows] = s_idx[:, :k]
     return vals, idx
 
 

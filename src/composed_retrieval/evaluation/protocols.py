@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -111,12 +112,10 @@ def rank_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor, k: i
             missing = [m for m in members if m not in pos]
             if missing:
                 raise DataError(f"query {q['query_id']}: img_set member(s) {_ids_preview(missing)} not in the gallery")
-            rows.append([pos[m] for m in members])
-        m = max((len(r) for r in rows), default=0)
-        subset_idx = torch.full((nq, max(m, 1)), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            subset_idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        subset_idx = subset_idx.to(device)
+            rows.append(sorted(pos[m] for m in members))   # by gallery index: the tie order
+        m = max(1, max((len(r) for r in rows), default=0))
+        subset_idx = torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.long)
+        subset_idx = subset_idx.view(nq, m).to(device)
 
     top_i: list[Tensor] = []
     sub_order: list[Tensor] = []
@@ -129,16 +128,13 @@ def rank_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor, k: i
             # subset scores come from the same score block, so the order matches the full ranking
             s = torch.gather(scores, 1, sidx.clamp(min=0))
             s[sidx < 0] = float("-inf")
-            # same tie rule: sort members by gallery index, then stable by score descending
-            by_index = torch.where(sidx < 0, torch.full_like(sidx, ng), sidx)
-            order = torch.argsort(by_index, dim=1, stable=True)
-            s, sidx_sorted = torch.gather(s, 1, order), torch.gather(sidx, 1, order)
+            # members are in gallery-index order, so a stable sort keeps the full ranking's tie rule
             perm = torch.sort(s, dim=1, descending=True, stable=True)[1]
-            sub_order.append(torch.gather(sidx_sorted, 1, perm).cpu())
+            sub_order.append(torch.gather(sidx, 1, perm).cpu())
 
     gallery = split.gallery
     idx = torch.cat(top_i).tolist() if top_i else []
-    names = [[gallery[j] for j in row] for row in idx]
+    names = [list(itemgetter(*row)(gallery)) if len(row) > 1 else [gallery[row[0]]] for row in idx]
     subset_names = None
     if subset_idx is not None:
         sub = torch.cat(sub_order).tolist() if sub_order else []
@@ -227,14 +223,11 @@ def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, floa
         ap = average_precision_at_k(ranked, gts, CIRCO_KS)
         return {f"map@{k}": ap[k] for k in CIRCO_KS}
 
-    # names -> integer codes (targets get codes even if never ranked), then hit positions
-    codes: dict[str, int] = {}
+    # names -> integer codes (gallery positions first; targets and unknown names get new
+    # codes, so they never match by accident), then hit positions
+    codes: dict[str, int] = dict(zip(split.gallery, range(len(split.gallery))))
     target = torch.tensor([codes.setdefault(q["target"], len(codes)) for q in split.queries], dtype=torch.long)
-    width = max((len(r) for r in ranked_names), default=0)
-    ranked = torch.full((len(ranked_names), max(width, 1)), -1, dtype=torch.long)
-    for i, row in enumerate(ranked_names):
-        if row:
-            ranked[i, :len(row)] = torch.tensor([codes.setdefault(n, len(codes)) for n in row], dtype=torch.long)
+    ranked = _code_matrix(ranked_names, codes)
 
     if proto == "fashioniq":
         r = recall_at_k(ranked, target, FASHIONIQ_KS)
@@ -244,16 +237,22 @@ def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, floa
     if proto == "cirr":
         if rankings.subset_names is None:
             raise ConfigError("CIRR metrics need subset rankings (Rankings.subset_names)")
-        sub_rows = [rankings.subset_names[i] for i in order]
-        sub = torch.full((len(sub_rows), SUBSET_TOP), -1, dtype=torch.long)
-        for i, row in enumerate(sub_rows):
-            row = row[:SUBSET_TOP]
-            if row:
-                sub[i, :len(row)] = torch.tensor([codes.setdefault(n, len(codes)) for n in row], dtype=torch.long)
+        sub = _code_matrix([rankings.subset_names[i][:SUBSET_TOP] for i in order], codes)
         rs = recall_at_k(sub, target, SUBSET_KS)
         out.update({f"recall_subset@{k}": rs[k] for k in SUBSET_KS})
         out["avg"] = (out["recall@5"] + out["recall_subset@1"]) / 2
     return out
+
+
+def _code_matrix(rows: list[list[str]], codes: dict[str, int]) -> Tensor:
+    """[Q, max width] long tensor of name codes, -1 padded; one tensor build for speed."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    for row in rows:   # unknown names first get their own codes
+        for n in row:
+            if n not in codes:
+                codes[n] = len(codes)
+    flat = [[codes[n] for n in row] + [-1] * (width - len(row)) for row in rows]
+    return torch.tensor(flat, dtype=torch.long).view(len(rows), width)
 
 
 def evaluate_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, float]:
