@@ -151,7 +151,11 @@ class FeatureCache:
         data_path, meta_path = self.paths(encoder, split_id, fields["key"])
         if meta_path.exists() or data_path.exists():
             try:
-                return self._load(data_path, meta_path, fields)
+                entry = self._load(data_path, meta_path, fields)
+                # an entry that left images out serves skip_bad callers only; others re-embed
+                # (the images may have been fixed, or the build stops on them with a DataError)
+                if skip_bad or not entry.errors:
+                    return entry
             except _Damaged as exc:
                 warnings.warn(f"{exc}; rebuilding the feature cache entry", RuntimeWarning, stacklevel=2)
         return self._build(encoder, names, path_of, transform, batch_size, store_tokens, dtype,
