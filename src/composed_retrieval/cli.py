@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "composed_retrieval.synth.commands",        # cir synth
     "composed_retrieval.evaluation.commands",   # cir score, cir validate-submission
     "composed_retrieval.train.commands",        # cir train, eval, predict, demo
+    "composed_retrieval.zeroshot.commands",     # cir pretrain, zeroshot-eval
     "composed_retrieval.index.commands",        # cir index, search
     "composed_retrieval.service.commands",      # cir serve
 )

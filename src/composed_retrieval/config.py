@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": None,            # feature cache for frozen towers (default: <run>/../.cache)
     "preload_pixels_max_mb": 2048,
     "max_steps_per_epoch": None,  # for smoke tests
+    "pairs": None,                # zero-shot methods: image-caption TSV/CSV (data/pairs.py)
     "log_every": 20,
 }
 

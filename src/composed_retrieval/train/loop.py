@@ -134,7 +134,10 @@ class Trainer:
         method = build_method_from_config(cfg).to(self.device)
         if state is not None:
             method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
-        train_splits = load_data(cfg, cfg["train_split"], training=True)
+        # -- zero-shot hook: a method with train_on == "pairs" (textual inversion) trains on
+        # -- image-caption pairs (cfg["pairs"], data/pairs.py) instead of triplets
+        on_pairs = getattr(method, "train_on", "triplets") == "pairs"
+        train_splits = [] if on_pairs else load_data(cfg, cfg["train_split"], training=True)
         val_splits = load_data(cfg, cfg["val_split"], training=False)
         extra = {name: load_data(cfg, name, training=False) for name in cfg.get("extra_eval_splits") or []}
 
@@ -169,6 +172,9 @@ class Trainer:
             else:
                 fns = [t.lookup for t in train_tables]
             datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
+            if on_pairs:  # zero-shot hook (see above): pair datasets replace the (empty) triplet ones
+                from ..data.pairs import pair_training_data
+                datasets = pair_training_data(cfg, method, self.progress)
             data = ConcatDataset(datasets)
             for epoch in range(first_epoch, int(stage.get("epochs", 1))):
                 t0 = time.time()

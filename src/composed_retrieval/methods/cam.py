@@ -1,0 +1,113 @@
+"""Grad-CAM for a noun on the image tower, and the masks it gives (masked zero-shot training).
+
+CAM (Selvaraju et al.'s Grad-CAM, applied to a CLIP-style pair): the score is the cosine
+similarity between the image's pooled feature and the text feature of the noun; the map is
+ReLU(sum_c w_c A_c) with w_c the spatial mean of d score / d A_c, where A is the image tower's
+last spatial activation. The map is min-max normalised to [0, 1] per image and bilinearly
+upsampled to the image; pixels whose value is above ``tau`` form the noun's region.
+
+Which activation A is, per tower (it must lie on the path to the pooled feature, so its
+gradient is not zero):
+
+* tiny: the CNN backbone output ``[B, C, g, g]`` (the map the pooled feature is projected from);
+* open_clip ResNet: ``visual.layer4`` output (the map entering attention pooling);
+* open_clip ViT: the patch tokens at the *input* of the last residual block -- the patch
+  outputs of ``ln_post`` do not reach the pooled class token, so their gradient is zero.
+
+Masked pixels are set to 0 in normalised space, i.e. to the normalisation mean colour.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoders.base import EncoderPair
+
+
+def _cam_site(encoder: EncoderPair) -> tuple[nn.Module, str, Any]:
+    """(module, how to read its activation, layout info)."""
+    from ..encoders.tiny import TinyEncoder
+
+    if isinstance(encoder, TinyEncoder):
+        return encoder.visual.backbone, "map", None
+    kind = getattr(encoder, "_kind", None)
+    if kind == "resnet":
+        return encoder.model.visual.layer4, "map", None  # type: ignore[attr-defined]
+    if kind == "vit":
+        tr = encoder.model.visual.transformer  # type: ignore[attr-defined]
+        return tr.resblocks[-1], "vit_input", (bool(getattr(tr, "batch_first", True)), encoder._n_patches)  # type: ignore[attr-defined]
+    raise NotImplementedError(f"no CAM site known for encoder {type(encoder).__name__}")
+
+
+def grad_cam(encoder: EncoderPair, pixels: torch.Tensor, text_pooled: torch.Tensor) -> torch.Tensor:
+    """CAM ``[B, H, W]`` in [0, 1] of each image for its own text feature ``text_pooled[b]``.
+
+    Works with frozen towers: the graph is built from the pixels, never touching parameters'
+    gradients (``torch.autograd.grad`` on the activation only).
+    """
+    module, how, info = _cam_site(encoder)
+    captured: dict[str, torch.Tensor] = {}
+    if how == "map":
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.__setitem__("a", out))
+    else:
+        handle = module.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
+    try:
+        with torch.enable_grad():
+            x = pixels.detach().clone().requires_grad_(True)
+            pooled = encoder.encode_image(x).pooled.float()
+            score = (F.normalize(pooled, dim=-1) * F.normalize(text_pooled.float().detach(), dim=-1)).sum()
+            act = captured["a"]
+            (grad,) = torch.autograd.grad(score, act)
+    finally:
+        handle.remove()
+    act, grad = act.detach().float(), grad.float()
+    if how == "map":                                      # [B, C, h, w]
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        raw = (weights * act).sum(dim=1)                  # [B, h, w]
+    else:
+        batch_first, n_patches = info
+        if not batch_first:
+            act, grad = act.transpose(0, 1), grad.transpose(0, 1)
+        act, grad = act[:, -n_patches:], grad[:, -n_patches:]   # drop the class token
+        weights = grad.mean(dim=1, keepdim=True)          # [B, 1, C]
+        side = int(math.isqrt(n_patches))
+        raw = (weights * act).sum(dim=-1).reshape(-1, side, side)
+    cam = F.relu(raw)
+    flat = cam.flatten(1)
+    # an all-zero ReLU map (every location votes against the noun) falls back to the raw map,
+    # so a region is always defined
+    empty = flat.amax(dim=1) <= 1e-12
+    if bool(empty.any()):
+        flat = torch.where(empty[:, None], raw.flatten(1), flat)
+    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    cam = flat.reshape(cam.shape)[:, None]
+    up = F.interpolate(cam, size=pixels.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return up.clamp_(0.0, 1.0)
+
+
+@torch.no_grad()
+def noun_text_features(encoder: EncoderPair, nouns: Sequence[str], prompt: str = "a {noun}") -> torch.Tensor:
+    return encoder.encode_texts([prompt.format(noun=n) for n in nouns]).pooled
+
+
+def noun_cams(encoder: EncoderPair, pixels: torch.Tensor, nouns: Sequence[str], prompt: str = "a {noun}") -> torch.Tensor:
+    """CAM of each image for its own noun."""
+    return grad_cam(encoder, pixels, noun_text_features(encoder, nouns, prompt).to(pixels.device))
+
+
+def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "highlighted") -> torch.Tensor:
+    """Set to 0 (the normalisation mean) the pixels of the CAM region above ``tau``
+    (``region="highlighted"``), or everything but that region (``region="rest"``)."""
+    inside = cam > float(tau)
+    if region == "highlighted":
+        drop = inside
+    elif region == "rest":
+        drop = ~inside
+    else:
+        raise ValueError(f"cam region must be 'highlighted' or 'rest', got {region!r}")
+    return pixels.masked_fill(drop[:, None].expand_as(pixels), 0.0)

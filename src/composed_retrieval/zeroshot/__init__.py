@@ -1,0 +1,1 @@
+"""Zero-shot CIR: tower pre-training on pairs, textual inversion evaluation commands."""
