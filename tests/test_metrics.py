@@ -239,3 +239,11 @@ def test_cirr_against_independent_full_sort():
         assert m[f"recall@{k}"] == pytest.approx(100 * hits[k] / 80)
     for k in sub_hits:
         assert m[f"recall_subset@{k}"] == pytest.approx(100 * sub_hits[k] / 80)
+
+
+def test_names_outside_the_gallery_are_misses():
+    split = _split("user", [{"query_id": "0", "reference": "a", "target": "e"},
+                            {"query_id": "1", "reference": "a", "target": "c"}])
+    # q0: unknown name first, target second; q1: only unknown names (shorter row)
+    m = metrics_from_rankings(split, Rankings(["0", "1"], [["zzz", "e"], ["yyy"]]))
+    assert m == {"recall@1": 0.0, "recall@5": 50.0, "recall@10": 50.0, "recall@50": 50.0}

@@ -112,7 +112,7 @@ def rank_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor, k: i
             missing = [m for m in members if m not in pos]
             if missing:
                 raise DataError(f"query {q['query_id']}: img_set member(s) {_ids_preview(missing)} not in the gallery")
-            rows.append(sorted(pos[m] for m in members))   # by gallery index: the tie order
+            rows.append(sorted(map(pos.__getitem__, members)))   # by gallery index: the tie order
         m = max(1, max((len(r) for r in rows), default=0))
         subset_idx = torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.long)
         subset_idx = subset_idx.view(nq, m).to(device)
@@ -247,11 +247,17 @@ def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, floa
 def _code_matrix(rows: list[list[str]], codes: dict[str, int]) -> Tensor:
     """[Q, max width] long tensor of name codes, -1 padded; one tensor build for speed."""
     width = max(1, max((len(r) for r in rows), default=0))
-    for row in rows:   # unknown names first get their own codes
-        for n in row:
-            if n not in codes:
-                codes[n] = len(codes)
-    flat = [[codes[n] for n in row] + [-1] * (width - len(row)) for row in rows]
+    lookup = codes.__getitem__
+    flat: list[int] = []
+    for row in rows:
+        start = len(flat)
+        try:
+            flat.extend(map(lookup, row))
+        except KeyError:   # names outside the gallery get codes of their own (never a target's)
+            del flat[start:]
+            flat.extend(codes.setdefault(n, len(codes)) for n in row)
+        if len(row) < width:
+            flat.extend([-1] * (width - len(row)))
     return torch.tensor(flat, dtype=torch.long).view(len(rows), width)
 
 
