@@ -44,7 +44,7 @@ def evaluate_method(method: CIRMethod, splits: Sequence[CIRSplit], tables: Seque
         q, g = split_vectors(method, split, table, batch_size, device)
         per[split.category or split.split] = evaluate_split(split, q, g)
     if splits and splits[0].protocol == "fashioniq":
-        return fashioniq_summary(per)
+        return fashioniq_summary(per, require_all=False)
     if len(per) == 1:
         return next(iter(per.values()))
     return {f"{name}_{k}": v for name, m in per.items() for k, v in m.items()}
