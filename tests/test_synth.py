@@ -186,6 +186,15 @@ def test_fashioniq_format_shape(tmp_path):
     assert total == sum(len(plan.splits[s].triplets) for s in ("train", "val", "test1"))
     assert sum(meta["triplets"].values()) == total
     assert not (out / "captions" / "cap.rc2.train.json").exists()
+    try:
+        from composed_retrieval.data.fashioniq import load_fashioniq
+    except ImportError:
+        return
+    for cat in ("dress", "shirt", "toptee"):
+        for split in ("train", "val", "test"):
+            sp = load_fashioniq(out, split, cat)
+            assert len(sp.queries) == meta["triplets"][f"{cat}.{split}"]
+            assert sp.has_targets == (split != "test")
 
 
 def _matches(expr: str, o: world.Obj) -> bool:
