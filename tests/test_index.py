@@ -277,7 +277,25 @@ def test_recall_at_k_matches_a_hand_computation():
     assert 0.0 < got < 1.0                                 # one list of 64 misses neighbours
     engine.nprobe = 64                                      # visiting every list is exact search
     assert faiss_index.recall_at_k(engine, v, k=10, sample=200, seed=3) == 1.0
+    engine.nprobe = 1
+    nprobe, recall = faiss_index.tune_nprobe(engine, v, target=0.9, sample=200, seed=3)
+    assert recall >= 0.9 and engine.nprobe == nprobe and nprobe in (2, 4, 8, 16, 32, 64)
+    engine.nprobe = nprobe // 2                             # the ladder stops at the first that reaches it
+    assert faiss_index.recall_at_k(engine, v, k=10, sample=200, seed=3) < 0.9
     assert faiss_index.choose_kind(49_999) == "flat" and faiss_index.choose_kind(50_000) == "ivf"
+
+
+def test_ivf_nprobe_is_tuned_to_the_recall_target(tmp_path):
+    gallery = tmp_path / "gallery"
+    make_gallery(gallery, n=12)
+    model, _ = saved_model(tmp_path / "model")
+    report = build_index(tmp_path / "idx", gallery, model, kind="ivf", params={"nlist": 4}, recall_target=0.99,
+                         **_quiet())
+    params = read_index(tmp_path / "idx").meta["params"]
+    assert params["nlist"] == 4 and 1 <= params["nprobe"] <= 4
+    assert report.recall_at_10 >= 0.99 or params["nprobe"] == 4
+    engine = Searcher.open(tmp_path / "idx").index.engine
+    assert faiss_index.faiss.extract_index_ivf(engine).nprobe == params["nprobe"]
 
 
 @pytest.mark.parametrize("kind,params", [("ivf", {"nlist": 3, "nprobe": 3}), ("hnsw", {})])

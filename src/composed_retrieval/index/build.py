@@ -75,7 +75,7 @@ def _hash_all(files: dict[str, Path], progress: bool) -> tuple[dict[str, str], l
 def build_index(out: str | Path, gallery: str | Path | None = None, model: str | Path | None = None,
                 kind: str | None = None, add: bool = False, batch_size: int = 64,
                 chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", num_workers: int | None = None,
-                params: dict[str, Any] | None = None, progress: bool = True,
+                params: dict[str, Any] | None = None, recall_target: float = 0.95, progress: bool = True,
                 method: CIRMethod | None = None, log: Callable[[str], None] = print) -> BuildReport:
     """Build ``out`` from every image under ``gallery`` with the model at ``model``.
 
@@ -83,6 +83,8 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     vectors, new or changed ones are embedded, deleted ones leave the index (and are reported);
     ``gallery``/``model`` default to the ones stored in it. ``method`` skips loading the model
     (tests, or callers that already hold it); ``model`` is still the reference stored.
+    An IVF engine without a given nprobe gets the smallest one reaching ``recall_target``
+    recall@10 against exact search on a sample of gallery vectors.
     """
     from ..data.userdata import list_gallery
 
@@ -160,7 +162,11 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     if chosen != "flat":
         log(f"building {chosen} index over {len(names)} vectors")
         engine = faiss_index.build_engine(vectors, chosen, engine_params)
-        recall = faiss_index.recall_at_k(engine, vectors, k=10, sample=RECALL_SAMPLE)
+        if chosen == "ivf" and "nprobe" not in (params or {}):
+            engine_params["nprobe"], recall = faiss_index.tune_nprobe(
+                engine, vectors, target=recall_target, sample=RECALL_SAMPLE)
+        else:
+            recall = faiss_index.recall_at_k(engine, vectors, k=10, sample=RECALL_SAMPLE)
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
             f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
         writer = lambda p: faiss_index.save_engine(engine, p)  # noqa: E731

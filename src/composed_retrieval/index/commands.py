@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, help="IVF: number of lists (default ~4 sqrt(N))")
     p.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
     p.add_argument("--ef-search", type=int, help="HNSW: candidate list size per query")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="IVF without --nprobe: smallest nprobe reaching this recall@10 vs exact (default 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_index)
 
@@ -62,12 +64,15 @@ def _params(args: argparse.Namespace) -> dict[str, int]:
 
 def run_index(args: argparse.Namespace) -> int:
     from .build import build_index
+    if not 0.0 < args.recall_target <= 1.0:
+        raise ConfigError(f"--recall-target must be in (0, 1], got {args.recall_target}")
     for name in ("batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
                          batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
-                         num_workers=args.num_workers, params=_params(args), progress=not args.quiet)
+                         num_workers=args.num_workers, params=_params(args),
+                         recall_target=args.recall_target, progress=not args.quiet)
     for name, error in report.skipped:
         print(f"skipped {name}: {error}")
     for name in report.removed:

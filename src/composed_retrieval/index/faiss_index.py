@@ -93,32 +93,59 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(q, k)
 
 
+class RecallProbe:
+    """Exact top-k of a seeded sample of gallery vectors used as queries, computed once, so that
+    several settings of an approximate engine can be scored against it."""
+
+    def __init__(self, vectors: np.ndarray, k: int = 10, sample: int = 1000, seed: int = 0) -> None:
+        self.vectors = _as_matrix(vectors)
+        n = self.vectors.shape[0]
+        self.k = min(k, n)
+        rng = np.random.default_rng(seed)
+        self.rows = np.sort(rng.choice(n, min(sample, n), replace=False)) if n else np.zeros(0, np.int64)
+        self.queries = self.vectors[self.rows]
+        if n:
+            exact = faiss.IndexFlatIP(self.vectors.shape[1])
+            exact.add(self.vectors)
+            self.exact_scores, self.exact_ids = exact.search(self.queries, self.k)
+
+    def recall(self, index: faiss.Index) -> float:
+        """Mean fraction of the exact top-k that ``index`` returns (a returned id scoring as high
+        as the exact k-th counts as a hit, so ties are not misses)."""
+        if len(self.rows) == 0:
+            return 1.0
+        _, approx_ids = index.search(self.queries, self.k)
+        hits = 0
+        for i in range(len(self.rows)):
+            truth = set(self.exact_ids[i].tolist())
+            found = [j for j in approx_ids[i].tolist() if j >= 0]
+            kth = self.exact_scores[i, -1]
+            tied = [j for j in found if j not in truth and float(self.vectors[j] @ self.queries[i]) >= kth - 1e-6]
+            hits += min(self.k, len(truth.intersection(found)) + len(tied))
+        return hits / (len(self.rows) * self.k)
+
+
 def recall_at_k(index: faiss.Index, vectors: np.ndarray, k: int = 10, sample: int = 1000,
                 seed: int = 0) -> float:
-    """Mean fraction of the exact top-k that ``index`` returns, with a seeded sample of gallery
-    vectors as queries (ties at the k-th score count as hits)."""
-    v = _as_matrix(vectors)
-    n = v.shape[0]
-    if n == 0:
-        return 1.0
-    k = min(k, n)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, min(sample, n), replace=False))
-    queries = v[rows]
-    exact = faiss.IndexFlatIP(v.shape[1])
-    exact.add(v)
-    exact_scores, exact_ids = exact.search(queries, k)
-    _, approx_ids = index.search(queries, k)
-    hits = 0
-    for i in range(len(rows)):
-        truth = set(exact_ids[i].tolist())
-        found = approx_ids[i][approx_ids[i] >= 0]
-        kth = exact_scores[i, -1]
-        # a returned id that scores as high as the exact k-th is a correct answer under ties
-        tied = [j for j in found.tolist() if j not in truth
-                and float(v[j] @ queries[i]) >= kth - 1e-6]
-        hits += min(k, len(truth.intersection(found.tolist())) + len(tied))
-    return hits / (len(rows) * k)
+    """Recall@k of ``index`` against exact search, with a seeded sample of gallery vectors as
+    queries."""
+    return RecallProbe(vectors, k, sample, seed).recall(index)
+
+
+def tune_nprobe(index: faiss.Index, vectors: np.ndarray, target: float = 0.95, k: int = 10,
+                sample: int = 1000, seed: int = 0) -> tuple[int, float]:
+    """Smallest nprobe in a doubling ladder (from the current one) whose recall@k on a sample of
+    gallery vectors reaches ``target``; returns (nprobe, recall) and leaves it set. How many
+    lists are needed depends on how clustered the embeddings are, so it is measured."""
+    ivf = faiss.extract_index_ivf(index)
+    probe = RecallProbe(vectors, k, sample, seed)
+    nprobe = max(1, int(ivf.nprobe))
+    while True:
+        ivf.nprobe = nprobe
+        recall = probe.recall(index)
+        if recall >= target or nprobe >= ivf.nlist:
+            return nprobe, recall
+        nprobe = min(nprobe * 2, int(ivf.nlist))
 
 
 def save_engine(index: faiss.Index, path: str | Path) -> Path:
