@@ -173,7 +173,7 @@ def test_fashioniq_format_shape(tmp_path):
         for split in ("train", "val", "test"):
             caps = load(out / "captions" / f"cap.{cat}.{split}.json")
             gallery = load(out / "image_splits" / f"split.{cat}.{split}.json")
-            assert isinstance(gallery, list) and all(isinstance(n, str) for n in gallery)
+            assert caps and isinstance(gallery, list) and all(isinstance(n, str) for n in gallery)
             for c in caps:
                 keys = {"candidate", "captions"} | ({"target"} if split != "test" else set())
                 assert set(c) == keys

@@ -27,7 +27,7 @@ KNOWN_ENTRIES = ("captions", "image_splits", "train", "dev", "test1", "heldout",
                  "pairs", "scenes", "synth.json", MARKER)
 CIRR_FOLDER = {"train": "train", "val": "dev", "test1": "test1", "heldout": "heldout"}
 TRAIN_FOLDER_SIZE = 200   # CIRR nests train images in numbered sub-folders
-FIQ_CATEGORY = {"circle": "dress", "square": "shirt", "triangle": "toptee"}
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FIQ_SPLIT = {"train": "train", "val": "val", "test1": "test"}   # FashionIQ has no held-out split
 
 
@@ -128,9 +128,10 @@ def _write_cirr(out: Path, plan: Plan, workers: int) -> dict[str, Any]:
             "caption_pairs": {s: images[s] for s in ("train", "val")}}
 
 
-def fashioniq_category(plan_split: SplitPlan, reference: str) -> str:
-    """Deterministic category of a query: the shape of the reference's first object."""
-    return FIQ_CATEGORY[plan_split.scenes[reference][0].shape]
+def fashioniq_category(group: int) -> str:
+    """Deterministic category of a query: its img_set group, round robin, so that every
+    category of every split is non-empty (a category with no queries has no gallery either)."""
+    return FIQ_CATEGORIES[group % len(FIQ_CATEGORIES)]
 
 
 def _write_fashioniq(out: Path, plan: Plan, workers: int) -> dict[str, Any]:
@@ -141,15 +142,15 @@ def _write_fashioniq(out: Path, plan: Plan, workers: int) -> dict[str, Any]:
         for i, (img, scene) in enumerate(sp.scenes.items()):
             tasks.append((str(out / "images" / f"{img}.png"), scene, plan.spec.image_size, plan.seed,
                           SPLITS[name][1], i))
-        rows: dict[str, list] = {c: [] for c in FIQ_CATEGORY.values()}
-        gallery: dict[str, dict[str, None]] = {c: {} for c in FIQ_CATEGORY.values()}
+        rows: dict[str, list] = {c: [] for c in FIQ_CATEGORIES}
+        gallery: dict[str, dict[str, None]] = {c: {} for c in FIQ_CATEGORIES}
         for t in sp.triplets:
-            cat = fashioniq_category(sp, t.reference)
+            cat = fashioniq_category(t.group)
             row = {"target": t.target} if fsplit != "test" else {}
             row.update({"candidate": t.reference, "captions": list(t.captions)})
             rows[cat].append(row)
             gallery[cat].update(dict.fromkeys(sp.groups[t.group]))
-        for cat in FIQ_CATEGORY.values():
+        for cat in FIQ_CATEGORIES:
             atomic_write_text(out / "captions" / f"cap.{cat}.{fsplit}.json", _dump(rows[cat]))
             atomic_write_text(out / "image_splits" / f"split.{cat}.{fsplit}.json", _dump(list(gallery[cat])))
             triplets[f"{cat}.{fsplit}"] = len(rows[cat])
