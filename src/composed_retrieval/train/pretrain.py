@@ -87,9 +87,9 @@ def pretrain_tiny(pairs_file: str | Path, out: str | Path, epochs: int = 4, batc
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss)
+            running += float(loss.detach())
         history.append({"epoch": epoch + 1, "loss": round(running / steps_per_epoch, 4),
-                        "logit_scale": round(float(log_scale.exp()), 2)})
+                        "logit_scale": round(float(log_scale.detach().exp()), 2)})
         if progress:
             print(history[-1], flush=True)
     result: dict[str, Any] = {"pairs": str(pairs.source), "n_pairs": len(pairs), "epochs": epochs,
