@@ -63,7 +63,8 @@ def build_engine(vectors: np.ndarray, kind: str, params: dict[str, Any] | None =
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         rng = np.random.default_rng(seed)
-        sample = v if n <= train_sample else v[np.sort(rng.choice(n, train_sample, replace=False))]
+        size = max(train_sample, 40 * nlist)           # FAISS asks for >= 39 points per list
+        sample = v if n <= size else v[np.sort(rng.choice(n, size, replace=False))]
         index.train(sample)
         index.nprobe = int(params["nprobe"])
     elif kind == "hnsw":
