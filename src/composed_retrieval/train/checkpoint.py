@@ -38,7 +38,18 @@ def save_method(method: CIRMethod, folder: str | Path, extra: dict[str, Any] | N
     folder with a checkpoint.json always has complete weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    tensors, aliases = {}, {}
+    first_of: dict[tuple, str] = {}
+    for k, v in method.state_dict().items():
+        # a module registered under two names (e.g. a hooked sub-module) shares its tensors;
+        # safetensors stores each tensor once, the alias is restored by loading the first name
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype) if v.numel() else None
+        if key is not None and key in first_of:
+            aliases[k] = first_of[key]
+            continue
+        if key is not None:
+            first_of[key] = k
+        tensors[k] = v.detach().contiguous().cpu()
     atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p)))
     meta = {
         "format": "composed-retrieval-checkpoint/1",
@@ -47,6 +58,7 @@ def save_method(method: CIRMethod, folder: str | Path, extra: dict[str, Any] | N
         "stage": method.stage,
         "encoder_config": method.encoder.config,
         "weights_sha256": _sha256(folder / WEIGHTS),
+        "aliases": aliases,
         **(extra or {}),
     }
     atomic_write_json(folder / META, meta)
@@ -101,6 +113,7 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMeth
     method = build_method(meta["method"], encoder, meta.get("method_config") or {})
     state = load_weights(folder)
     missing, unexpected = method.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in (meta.get("aliases") or {})]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit method {meta['method']!r}: "
                               f"{len(missing)} missing keys (e.g. {missing[:3]}), "

@@ -1,0 +1,166 @@
+"""The one training loop: run folder outputs, checkpoints, resume, CLI, open_clip backbones."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from composed_retrieval.cli import main
+from composed_retrieval.config import load_config
+from composed_retrieval.errors import CheckpointError, ConfigError
+from composed_retrieval.train import checkpoint as ckpt
+from composed_retrieval.train.loop import Trainer
+
+
+def _cfg(root: Path, **over) -> dict:
+    base = {
+        "method": "combiner", "encoder": "tiny", "dataset": "cirr", "root": str(root),
+        "encoder_config": {"image_width": 32, "text_width": 64, "embed_dim": 64},
+        "extra_eval_splits": ["heldout"], "batch_size": 16, "seed": 0, "device": "cpu",
+        "stages": [{"name": "finetune", "epochs": 1, "lr": 1e-3, "train_image_tower": True, "train_text_tower": True},
+                   {"name": "combiner", "epochs": 1, "lr": 1e-3}],
+        "max_steps_per_epoch": 3,
+    }
+    base.update(over)
+    return load_config(None, [], base)
+
+
+def _weights(run: Path, sub: str = "last") -> dict[str, torch.Tensor]:
+    return ckpt.load_weights(run / sub)
+
+
+def test_run_folder_has_everything(synth_tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = Trainer(_cfg(synth_tiny), run, progress=False).run()
+    for name in ("config.json", "metrics.jsonl", "curves.png", "results.json",
+                 "best/model.safetensors", "best/checkpoint.json", "last/state.pt"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["finetune", "combiner"]
+    assert all(r["steps"] == 3 for r in rows)
+    assert set(rows[0]["val"]) >= {"recall@1", "recall@5", "recall_subset@1", "avg"}
+    assert "heldout" in rows[0] and "heldout" in result
+    assert json.loads((run / "config.json").read_text())["stages"][1]["name"] == "combiner"
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_reload_gives_identical_scores(synth_tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = Trainer(_cfg(synth_tiny), run, progress=False).run()
+    out = main_json(["eval", "--run", str(run), "--device", "cpu", "--quiet"])
+    assert out == result["val"]
+
+
+def main_json(argv: list[str]) -> dict:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_resume_continues_from_saved_epoch(synth_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(synth_tiny, stages=[{"name": "finetune", "epochs": 2, "lr": 1e-3, "train_image_tower": True,
+                                     "train_text_tower": True}, {"name": "combiner", "epochs": 2, "lr": 1e-3}])
+    full = tmp_path / "full"
+    Trainer(cfg, full, progress=False).run()
+
+    # interrupt the second run right after its third epoch's checkpoint is written
+    run = tmp_path / "interrupted"
+    original = Trainer._write_history
+    calls = {"n": 0}
+
+    def crash(self, history):  # type: ignore[no-untyped-def]
+        original(self, history)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_write_history", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run, progress=False).run()
+    monkeypatch.setattr(Trainer, "_write_history", original)
+    assert json.loads((run / "checkpoint.json").read_text() if (run / "checkpoint.json").exists() else
+                      (run / "last" / "checkpoint.json").read_text())["epoch"] == 3
+
+    trained = []
+    original_epoch = Trainer._train_epoch
+
+    def spy(self, method, loader, optimizer, amp, stage, global_epoch):  # type: ignore[no-untyped-def]
+        trained.append(global_epoch + 1)
+        return original_epoch(self, method, loader, optimizer, amp, stage, global_epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", spy)
+    Trainer(cfg, run, progress=False).run()
+    assert trained == [4]  # only the missing epoch ran
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    a, b = _weights(full), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_resume_refuses_a_different_config(synth_tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(_cfg(synth_tiny), run, progress=False).run()
+    with pytest.raises(ConfigError, match="different config"):
+        Trainer(_cfg(synth_tiny, seed=1), run, progress=False).run()
+
+
+def test_tampered_checkpoint_is_rejected(synth_tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(_cfg(synth_tiny), run, progress=False).run()
+    weights = run / "best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="hash"):
+        ckpt.load_method(run / "best")
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError):
+        ckpt.load_method(run / "best")
+
+
+def test_cli_train_eval_predict(synth_tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.json"
+    cfg = _cfg(synth_tiny)
+    cfg_file.write_text(json.dumps({k: cfg[k] for k in ("method", "encoder", "encoder_config", "stages", "batch_size")}))
+    out = main_json(["train", "--config", str(cfg_file), "--root", str(synth_tiny), "--out", str(run), "--device", "cpu",
+                     "--set", "max_steps_per_epoch=2", "--set", "stages.0.epochs=1", "--quiet"])
+    assert out["best_epoch"] in (1, 2)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["max_steps_per_epoch"] == 2 and saved["root"] == str(synth_tiny)
+    sub = tmp_path / "sub"
+    main_json(["predict", "--run", str(run), "--out", str(sub), "--device", "cpu", "--quiet"])
+    files = sorted(p.name for p in sub.iterdir())
+    assert len(files) == 2
+    # the written files pass the official validator
+    assert main(["validate-submission", "--dataset", "cirr", "--root", str(synth_tiny), "--split", "test1",
+                 *[str(sub / f) for f in files]]) == 0
+
+
+@pytest.mark.parametrize("model", ["RN50x4", "ViT-B-32"])
+def test_open_clip_backbones_train_and_evaluate(model: str, tmp_path: Path) -> None:
+    """Random-weight open_clip towers: 2 training steps with the text tower trained, then an
+    evaluation through the cache on a tiny CIRR-format set."""
+    from fixtures_data import write_cirr_fixture
+
+    root = tmp_path / "data"
+    write_cirr_fixture(root, split="train", n_images=8, n_queries=4, folder="train")
+    write_cirr_fixture(root, split="val", n_images=8, n_queries=4)
+    cfg = load_config(None, [], {
+        "method": "combiner", "encoder": f"open_clip:{model}", "dataset": "cirr", "root": str(root),
+        "batch_size": 2, "device": "cpu", "eval_batch_size": 8, "max_steps_per_epoch": 2,
+        "method_config": {"projection_dim": 64, "hidden_dim": 64},
+        "stages": [{"name": "combiner", "epochs": 1, "lr": 1e-4, "train_text_tower": True}]})
+    run = tmp_path / "run"
+    result = Trainer(cfg, run, progress=False).run()
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["steps"] == 2 and torch.isfinite(torch.tensor(rows[0]["loss"]))
+    assert 0.0 <= result["val"]["recall@50"] <= 100.0
