@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "image_root": None,
     "categories": None,           # FashionIQ categories (default: all three)
     "train_split": "train",
+    "extra_train_splits": [],     # more training files in the dataset's format (SPN positives)
     "val_split": "val",
     "extra_eval_splits": [],      # e.g. ["heldout"] on the synthetic benchmark
     "caption_policy": "random",   # FashionIQ training captions
