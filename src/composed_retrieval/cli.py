@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "composed_retrieval.zeroshot.commands",     # cir pretrain, zeroshot-eval
     "composed_retrieval.index.commands",        # cir index, search
     "composed_retrieval.service.commands",      # cir serve
+    "composed_retrieval.spn.commands",          # cir spn generate
 )
 
 

@@ -1,0 +1,326 @@
+"""SPN positives: new training triplets from image pairs and their captions, written as extra
+training files in the dataset's own format (``cir spn generate``).
+
+Following SPN (Feng et al., "Improving Composed Image Retrieval via Contrastive Learning with
+Scaling Positives and Negatives", arXiv 2404.11317; public code github.com/BUAADreamer/SPN4CIR,
+``zscir/get_cir_data.py`` and ``zscir/deduplicate_images.py``):
+
+* images are de-duplicated first (SPN compares pixels pairwise; here a sha256 of each file's
+  bytes groups identical files in one pass, and only the first name of a group is used);
+* each reference image A gets ``per_image`` partners B (SPN ``--k``, default 1) drawn uniformly
+  from a window of its image-to-image similarity ranks (SPN ``--i2i_rank``/``--i2i_rank_max``:
+  10000-15000 on CIRR and 10000-20000 on FashionIQ for CLIP4Cir; no window, i.e. any other
+  image, for BLIP). Ranks here count the *other* images (0 = nearest neighbour), computed from
+  cached image features (``cache.FeatureCache``). ``refer_only`` keeps only images that are
+  references in the original triplets (SPN ``--refer``);
+* the modification text comes from the captions of A and B through SPN's templates
+  ``"{B} instead of {A}"``, ``"Unlike {A}, I want {B}"``, ``"{B}"`` (``--p_list``; default
+  templates 0 and 1, FashionIQ runs use 2); one template is drawn per triplet;
+* optionally ``max_triplets`` are kept at random (SPN ``--K``).
+
+Output (written atomically, next to the originals, read by the normal loaders unchanged):
+
+* CIRR: ``captions/cap.rc2.{out}.json`` + ``image_splits/split.rc2.{out}.json`` whose paths are
+  copied from the source split file (the same image files). Each triplet gets a valid img_set:
+  ``members = [reference, target] + up to 4 nearest neighbours of the reference`` (the CIRR
+  subset is "visually similar images"), ``reference_rank`` 0, ``target_rank`` 1, ``id`` = pairid.
+* FashionIQ: per category ``captions/cap.{cat}.{out}.json`` + ``image_splits/split.{cat}.{out}.json``;
+  partners are drawn within the category. An entry needs two captions; they are two templates
+  drawn without repeats (the same text twice when only one template is allowed), so the loader's
+  "c1 and c2" caption policy still reads naturally.
+* ``spn.{out}.json`` at the root: the settings, counts and the duplicates removed. It is
+  written first (marking the output as ours, so a rerun may replace it) and again last.
+
+The same inputs and seed give byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.base import CIRSplit
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_json, atomic_write_text, read_json
+from .captioners import Captioner
+
+GENERATOR = "composed_retrieval.spn"
+VERSION = 1
+#: SPN4CIR zscir/get_cir_data.py prompt_list, with {0} -> {A} (reference caption), {1} -> {B}
+TEMPLATES = ("{B} instead of {A}", "Unlike {A}, I want {B}", "{B}")
+SUBSET_OTHERS = 4          # CIRR img_sets have 6 members: reference, target and 4 more
+RESERVED_SPLITS = ("train", "val", "test", "test1", "heldout")
+
+
+@dataclass
+class SPNOptions:
+    dataset: str
+    root: str
+    split: str = "train"
+    out_split: str = "spn"
+    window: tuple[int, int] | None = (20, 100)   # ranks among the other images, [lo, hi)
+    per_image: int = 1
+    max_triplets: int | None = None
+    seed: int = 0
+    templates: tuple[int, ...] = (0, 1)
+    refer_only: bool = False
+    image_root: str | None = None
+    categories: list[str] | None = None
+    captioner: str = ""                          # recorded in the manifest
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.dataset not in ("cirr", "fashioniq"):
+            raise ConfigError(f"cir spn generate supports cirr and fashioniq, not {self.dataset!r}")
+        if self.out_split == self.split or self.out_split in RESERVED_SPLITS:
+            raise ConfigError(f"--out-split {self.out_split!r} would replace an original split; "
+                              "choose a new name such as 'spn'")
+        if self.window is not None:
+            lo, hi = self.window
+            if lo < 0 or hi <= lo:
+                raise ConfigError(f"--window {lo},{hi}: expected 0 <= lo < hi (ranks among the other images)")
+        if self.per_image < 1:
+            raise ConfigError(f"--per-image must be at least 1, got {self.per_image}")
+        if self.max_triplets is not None and self.max_triplets < 1:
+            raise ConfigError(f"--max-triplets must be at least 1, got {self.max_triplets}")
+        if not self.templates or any(t not in range(len(TEMPLATES)) for t in self.templates):
+            raise ConfigError(f"--templates: expected indices among 0..{len(TEMPLATES) - 1} "
+                              f"({'; '.join(f'{i}: {t}' for i, t in enumerate(TEMPLATES))})")
+
+
+def parse_window(text: str | None) -> tuple[int, int] | None:
+    """``"lo,hi"`` -> (lo, hi); ``"all"``/``None`` -> no window (any other image)."""
+    if text is None or text.strip().lower() in ("all", "none", ""):
+        return None
+    try:
+        lo, hi = (int(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: expected two integers 'lo,hi' (e.g. 20,100) or 'all'") from None
+    return lo, hi
+
+
+# ---- duplicates -------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read image ({exc.strerror})", path) from None
+    return h.hexdigest()
+
+
+def content_groups(names: Sequence[str], path_of: Callable[[str], Path], workers: int = 8,
+                   memo: dict[Path, str] | None = None) -> dict[str, str]:
+    """name -> the first name (in ``names`` order) whose file has the same bytes."""
+    memo = {} if memo is None else memo
+    paths = [Path(path_of(n)) for n in names]
+    todo = [p for p in dict.fromkeys(paths) if p not in memo]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:   # file reads release the GIL
+        for p, digest in zip(todo, pool.map(file_sha256, todo)):
+            memo[p] = digest
+    first: dict[str, str] = {}
+    canonical = {}
+    for n, p in zip(names, paths):
+        canonical[n] = first.setdefault(memo[p], n)
+    return canonical
+
+
+# ---- ranks ------------------------------------------------------------------------------------
+@torch.no_grad()
+def rank_windows(vectors: torch.Tensor, window: tuple[int, int] | None, near: int,
+                 chunk: int = 1024) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """For each row: the indices at ranks [lo, hi) among the other rows (None: no window) and
+    its ``near`` nearest other rows. Chunked, so memory is ``chunk x N``, never ``N x N``."""
+    n = vectors.shape[0]
+    others = n - 1
+    hi = 0
+    if window is not None:
+        lo, hi = window[0], min(window[1], others)
+        if lo >= hi:
+            raise ConfigError(f"--window {window[0]},{window[1]}: only {others} other images, so the window "
+                              "is empty; lower it (ranks count the other unique images)")
+    k = min(max(hi, near), others)
+    windows: list[np.ndarray] | None = [] if window is not None else None
+    nearest = np.zeros((n, min(near, others)), dtype=np.int64)
+    for s in range(0, n, chunk):
+        sims = vectors[s:s + chunk] @ vectors.t()
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + s] = -float("inf")   # an image is not its own partner
+        top = sims.topk(k, dim=1, sorted=True).indices.cpu().numpy()
+        nearest[s:s + chunk] = top[:, :nearest.shape[1]]
+        if windows is not None:
+            windows.extend(top[:, window[0]:hi])
+    return windows, nearest
+
+
+# ---- the generator ----------------------------------------------------------------------------
+@dataclass
+class _Group:
+    """One source split (CIRR) or one FashionIQ category."""
+
+    split: CIRSplit
+    unique: list[str]
+    index: dict[str, int]
+    nearest: np.ndarray
+    pairs: list[tuple[int, int]]
+
+
+def _embed(encode: Callable[[CIRSplit, list[str]], torch.Tensor], split: CIRSplit, names: list[str]) -> torch.Tensor:
+    v = encode(split, names).float()
+    if v.shape[0] != len(names):
+        raise DataError(f"features of {v.shape[0]} images for {len(names)} names in the {split.split} split")
+    return F.normalize(v, dim=-1)
+
+
+def generate(opts: SPNOptions, captioner: Captioner,
+             encode: Callable[[CIRSplit, list[str]], torch.Tensor], progress: bool = True) -> dict[str, Any]:
+    """Generate and write the extra training files; returns the manifest.
+
+    ``encode(split, names) -> [N, d]`` gives image features for similarity ranks (the command
+    passes cached features of a trained run's or a plain encoder's image tower).
+    """
+    from ..data.registry import load_splits
+
+    opts.check()
+    root = Path(opts.root)
+    options: dict[str, Any] = {"caption_policy": "eval"} if opts.dataset == "fashioniq" else {}
+    splits = load_splits(opts.dataset, root, opts.split, image_root=opts.image_root,
+                         categories=opts.categories if opts.dataset == "fashioniq" else None, **options)
+    outputs = _output_files(opts, splits)
+    manifest_path = root / f"spn.{opts.out_split}.json"
+    _check_overwrite(outputs, manifest_path)
+
+    rng = np.random.default_rng([opts.seed, 0x5B4])
+    memo: dict[Path, str] = {}
+    groups: list[_Group] = []
+    removed: list[list[str]] = []
+    for split in splits:
+        names = split.all_image_names()
+        canonical = content_groups(names, split.image_path, memo=memo)
+        unique = [n for n in names if canonical[n] == n]
+        removed += [[n, canonical[n]] for n in names if canonical[n] != n]
+        if len(unique) < 2:
+            raise DataError(f"the {split.dataset} {split.category or ''} {split.split} split has "
+                            f"{len(unique)} unique image(s); pairs need at least 2")
+        windows, nearest = rank_windows(_embed(encode, split, unique), opts.window, SUBSET_OTHERS + 1)
+        index = {n: i for i, n in enumerate(unique)}
+        if opts.refer_only:
+            refs = list(dict.fromkeys(index[canonical[q["reference"]]] for q in split.queries))
+        else:
+            refs = list(range(len(unique)))
+        pairs = []
+        for i in refs:
+            cands = windows[i] if windows is not None else np.delete(np.arange(len(unique)), i)
+            take = min(opts.per_image, len(cands))
+            for j in rng.choice(cands, size=take, replace=False):
+                pairs.append((i, int(j)))
+        groups.append(_Group(split, unique, index, nearest, pairs))
+
+    total = sum(len(g.pairs) for g in groups)
+    if opts.max_triplets is not None and opts.max_triplets < total:
+        keep = set(rng.choice(total, size=opts.max_triplets, replace=False).tolist())
+        offset = 0
+        for g in groups:
+            n = len(g.pairs)
+            g.pairs = [p for k, p in enumerate(g.pairs, offset) if k in keep]
+            offset += n
+    empty = [g.split.category for g in groups if not g.pairs and opts.dataset == "fashioniq"]
+    if empty:
+        raise ConfigError(f"no triplets left for FashionIQ categor{'y' if len(empty) == 1 else 'ies'} "
+                          f"{', '.join(map(str, empty))} (a category file with no images does not load); "
+                          "raise --max-triplets or choose --categories")
+    manifest = {"generator": GENERATOR, "version": VERSION, "status": "writing",
+                "options": {k: v for k, v in asdict(opts).items() if k not in ("root", "image_root", "extra")},
+                **opts.extra}
+    atomic_write_json(manifest_path, manifest)
+
+    counts = {}
+    for g in groups:
+        used = sorted({n for p in g.pairs for n in p})
+        caps = dict(zip(used, captioner.captions([g.unique[i] for i in used], g.split.image_path)))
+        texts = [_texts(opts, rng, caps[i], caps[j]) for i, j in g.pairs]
+        if opts.dataset == "cirr":
+            _write_cirr(opts, g, texts, outputs[0])
+        else:
+            _write_fashioniq(opts, g, texts, outputs[g.split.category])
+        counts[g.split.category or g.split.split] = {
+            "images": len(g.split.all_image_names()), "unique_images": len(g.unique),
+            "triplets": len(g.pairs)}
+    manifest.update({"status": "complete", "triplets": counts,
+                     "total_triplets": sum(c["triplets"] for c in counts.values()),
+                     "duplicates_removed": removed,
+                     "files": sorted(str(p.relative_to(root)) for pair in outputs.values() for p in pair)})
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+def _texts(opts: SPNOptions, rng: np.random.Generator, a: str, b: str) -> list[str]:
+    """One modification text (CIRR) or two (FashionIQ) from the allowed templates."""
+    allowed = list(opts.templates)
+    n = 1 if opts.dataset == "cirr" else 2
+    picks = rng.choice(allowed, size=n, replace=len(allowed) < n)
+    return [TEMPLATES[int(t)].format(A=a, B=b) for t in picks]
+
+
+def _output_files(opts: SPNOptions, splits: list[CIRSplit]) -> dict[Any, tuple[Path, Path]]:
+    from ..data.cirr import cirr_files
+    from ..data.fashioniq import fashioniq_files
+
+    if opts.dataset == "cirr":
+        return {0: cirr_files(opts.root, opts.out_split)}
+    return {s.category: fashioniq_files(opts.root, opts.out_split, s.category) for s in splits}
+
+
+def _check_overwrite(outputs: dict[Any, tuple[Path, Path]], manifest_path: Path) -> None:
+    existing = [p for pair in outputs.values() for p in pair if p.exists()]
+    if not existing:
+        return
+    ours = False
+    if manifest_path.is_file():
+        meta = read_json(manifest_path, "SPN manifest")
+        ours = isinstance(meta, dict) and meta.get("generator") == GENERATOR
+    if not ours:
+        raise ConfigError(f"{existing[0]} exists and was not written by cir spn generate (no {manifest_path.name}); "
+                          "choose another --out-split or remove the file")
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj) + "\n"
+
+
+def _write_cirr(opts: SPNOptions, g: _Group, texts: list[list[str]], files: tuple[Path, Path]) -> None:
+    from ..data.cirr import cirr_files
+
+    source = read_json(cirr_files(opts.root, opts.split)[1], "CIRR image split file")
+    rows, used = [], {}
+    for pairid, ((i, j), text) in enumerate(zip(g.pairs, texts)):
+        ref, tgt = g.unique[i], g.unique[j]
+        others = [g.unique[m] for m in g.nearest[i] if m != j][:SUBSET_OTHERS]
+        members = [ref, tgt] + others
+        used.update(dict.fromkeys(members))
+        rows.append({"pairid": pairid, "reference": ref, "target_hard": tgt, "target_soft": {tgt: 1.0},
+                     "caption": text[0],
+                     "img_set": {"id": pairid, "members": members, "reference_rank": 0, "target_rank": 1}})
+    cap_path, split_path = files
+    atomic_write_text(split_path, _dump({n: source[n] for n in used}))   # images first: captions point at them
+    atomic_write_text(cap_path, _dump(rows))
+
+
+def _write_fashioniq(opts: SPNOptions, g: _Group, texts: list[list[str]], files: tuple[Path, Path]) -> None:
+    rows, used = [], {}
+    for (i, j), text in zip(g.pairs, texts):
+        ref, tgt = g.unique[i], g.unique[j]
+        used.update(dict.fromkeys((ref, tgt)))
+        rows.append({"target": tgt, "candidate": ref, "captions": text})
+    cap_path, split_path = files
+    atomic_write_text(split_path, _dump(list(used)))
+    atomic_write_text(cap_path, _dump(rows))
