@@ -219,12 +219,12 @@ def _write_images(folder, n, size=(70, 56)):
     return names
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 2])  # 2 workers: chunks of 2 joined into batches of 3
 def test_embed_images_matches_direct_encoding(tmp_path, tiny, workers):
     names = _write_images(tmp_path, 5)
     path_of = lambda n: tmp_path / f"{n}.png"  # noqa: E731
     tf = tiny.image_transform("targetpad")
-    feats, kept, errors = embed_images(tiny, names, path_of, tf, batch_size=2, num_workers=workers, progress=False)
+    feats, kept, errors = embed_images(tiny, names, path_of, tf, batch_size=3, num_workers=workers, progress=False)
     assert kept == names and errors == []
     from composed_retrieval.data.images import load_image
     with torch.no_grad():
@@ -244,6 +244,12 @@ def test_embed_images_bad_files(tmp_path, tiny):
                                        progress=False, skip_bad=True, tokens=False)
     assert kept == ["im0", "im2"] and [e[0] for e in errors] == ["im1"]
     assert feats.pooled.shape == (2, 256) and feats.tokens.shape == (2, 0, 128)
+
+
+def test_worker_chunks():
+    from composed_retrieval.encoders.embed import worker_chunk
+    assert worker_chunk(256, 0) == 256 and worker_chunk(256, 1) == 256
+    assert worker_chunk(256, 15) == 18 and worker_chunk(3, 8) == 1
 
 
 def test_embed_texts_matches_encode_texts(tiny):
