@@ -3,7 +3,11 @@
 CAM (Selvaraju et al.'s Grad-CAM, applied to a CLIP-style pair): the score is the cosine
 similarity between the image's pooled feature and the text feature of the noun; the map is
 ReLU(sum_c w_c A_c) with w_c the spatial mean of d score / d A_c, where A is the image tower's
-last spatial activation. The map is min-max normalised to [0, 1] per image and bilinearly
+last spatial activation. Grad-CAM's spatial mean assumes the pooled feature averages over
+positions (GAP, attention pooling, a ViT class token); the tiny tower instead projects the
+flattened map with position-specific weights, and there Grad-CAM lit up the empty background
+rather than the shapes (seen on the synthetic images). For it the default (``weighting="auto"``)
+is LayerCAM's per-location weighting (Jiang et al. 2021): ReLU(sum_c ReLU(dS/dA_c(x, y)) A_c(x, y)). The map is min-max normalised to [0, 1] per image and bilinearly
 upsampled to the image; pixels whose value is above ``tau`` form the noun's region.
 
 Which activation A is, per tower (it must lie on the path to the pooled feature, so its
@@ -43,7 +47,15 @@ def _cam_site(encoder: EncoderPair) -> tuple[nn.Module, str, Any]:
     raise NotImplementedError(f"no CAM site known for encoder {type(encoder).__name__}")
 
 
-def grad_cam(encoder: EncoderPair, pixels: torch.Tensor, text_pooled: torch.Tensor) -> torch.Tensor:
+def _position_aware(encoder: EncoderPair) -> bool:
+    """True when the pooled feature is a position-specific map of the spatial activation (the
+    tiny tower's flatten + linear), where Grad-CAM's spatially averaged weights do not apply."""
+    from ..encoders.tiny import TinyEncoder
+    return isinstance(encoder, TinyEncoder)
+
+
+def grad_cam(encoder: EncoderPair, pixels: torch.Tensor, text_pooled: torch.Tensor,
+             weighting: str = "auto") -> torch.Tensor:
     """CAM ``[B, H, W]`` in [0, 1] of each image for its own text feature ``text_pooled[b]``.
 
     Works with frozen towers: the graph is built from the pixels, never touching parameters'
@@ -65,15 +77,19 @@ def grad_cam(encoder: EncoderPair, pixels: torch.Tensor, text_pooled: torch.Tens
     finally:
         handle.remove()
     act, grad = act.detach().float(), grad.float()
+    if weighting == "auto":
+        weighting = "layercam" if _position_aware(encoder) else "gradcam"
+    if weighting not in ("gradcam", "layercam"):
+        raise ValueError(f"CAM weighting must be 'gradcam', 'layercam' or 'auto', got {weighting!r}")
     if how == "map":                                      # [B, C, h, w]
-        weights = grad.mean(dim=(2, 3), keepdim=True)
+        weights = grad.mean(dim=(2, 3), keepdim=True) if weighting == "gradcam" else F.relu(grad)
         raw = (weights * act).sum(dim=1)                  # [B, h, w]
     else:
         batch_first, n_patches = info
         if not batch_first:
             act, grad = act.transpose(0, 1), grad.transpose(0, 1)
         act, grad = act[:, -n_patches:], grad[:, -n_patches:]   # drop the class token
-        weights = grad.mean(dim=1, keepdim=True)          # [B, 1, C]
+        weights = grad.mean(dim=1, keepdim=True) if weighting == "gradcam" else F.relu(grad)
         side = int(math.isqrt(n_patches))
         raw = (weights * act).sum(dim=-1).reshape(-1, side, side)
     cam = F.relu(raw)
@@ -95,9 +111,10 @@ def noun_text_features(encoder: EncoderPair, nouns: Sequence[str], prompt: str =
     return encoder.encode_texts([prompt.format(noun=n) for n in nouns]).pooled
 
 
-def noun_cams(encoder: EncoderPair, pixels: torch.Tensor, nouns: Sequence[str], prompt: str = "a {noun}") -> torch.Tensor:
+def noun_cams(encoder: EncoderPair, pixels: torch.Tensor, nouns: Sequence[str], prompt: str = "a {noun}",
+              weighting: str = "auto") -> torch.Tensor:
     """CAM of each image for its own noun."""
-    return grad_cam(encoder, pixels, noun_text_features(encoder, nouns, prompt).to(pixels.device))
+    return grad_cam(encoder, pixels, noun_text_features(encoder, nouns, prompt).to(pixels.device), weighting)
 
 
 def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "highlighted") -> torch.Tensor:
