@@ -138,6 +138,12 @@ class Trainer:
         # -- image-caption pairs (cfg["pairs"], data/pairs.py) instead of triplets
         on_pairs = getattr(method, "train_on", "triplets") == "pairs"
         train_splits = [] if on_pairs else load_data(cfg, cfg["train_split"], training=True)
+        # -- SPN hook (spn/bank.py): extra_train_splits (generated positives) join the training
+        # -- splits; a pairs method gets triplets when one of its stages uses spn_negatives
+        from ..spn.bank import spn_stage, training_splits
+        train_splits = training_splits(cfg, on_pairs, train_splits, lambda name: load_data(cfg, name, training=True))
+        self._spn = None
+        # -- end SPN hook
         val_splits = load_data(cfg, cfg["val_split"], training=False)
         extra = {name: load_data(cfg, name, training=False) for name in cfg.get("extra_eval_splits") or []}
 
@@ -172,10 +178,11 @@ class Trainer:
             else:
                 fns = [t.lookup for t in train_tables]
             datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
-            if on_pairs:  # zero-shot hook (see above): pair datasets replace the (empty) triplet ones
+            if on_pairs and not stage.get("spn_negatives"):  # zero-shot hook (see above): pair datasets replace the triplet ones (SPN: not in a bank stage)
                 from ..data.pairs import pair_training_data
                 datasets = pair_training_data(cfg, method, self.progress)
             data = ConcatDataset(datasets)
+            self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step
             for epoch in range(first_epoch, int(stage.get("epochs", 1))):
                 t0 = time.time()
                 torch.manual_seed(epoch_seed(cfg["seed"], global_epoch))
@@ -236,7 +243,7 @@ class Trainer:
         for batch in bar:
             batch = self._to_device(method, batch)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = method(batch)
+                out = method(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if self.cfg.get("grad_clip"):
