@@ -51,11 +51,14 @@ class NegativeBank(nn.Module):
     ``aliases`` maps duplicate image names to the row of the image they duplicate.
     """
 
-    def __init__(self, vectors: torch.Tensor, names: Sequence[str], aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, vectors: torch.Tensor, names: Sequence[str], aliases: dict[str, str] | None = None,
+                 normalize: bool = True) -> None:
         super().__init__()
         if vectors.dim() != 2 or vectors.shape[0] != len(names):
             raise ValueError(f"bank of {tuple(vectors.shape)} vectors for {len(names)} names")
-        self.register_buffer("vectors", F.normalize(vectors.detach().float(), dim=-1), persistent=False)
+        vectors = vectors.detach().float()
+        # a saved bank is already normalised: normalising again would change its last bits
+        self.register_buffer("vectors", F.normalize(vectors, dim=-1) if normalize else vectors, persistent=False)
         self.names = list(names)
         self.aliases = dict(aliases or {})
         self.row = {n: i for i, n in enumerate(self.names)}
@@ -209,7 +212,7 @@ def load_bank(path: Path, key: str) -> NegativeBank | None:
         if meta.get("key") != key or path.stat().st_size != meta.get("file_size"):
             return None
         vectors = load_file(str(path))["vectors"]
-        return NegativeBank(vectors, meta["names"], meta.get("aliases"))
+        return NegativeBank(vectors, meta["names"], meta.get("aliases"), normalize=False)
     except Exception:   # a damaged bank is derived data: rebuild it
         return None
 
