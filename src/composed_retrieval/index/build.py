@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..methods.base import CIRMethod
+from ..train import distributed
 from . import faiss_index
 from .search import model_fingerprint
 from .store import PartialBuild, index_exists, read_index, sha256_file, stored_path, write_index
@@ -38,6 +39,7 @@ class BuildReport:
     changed: list[str] = field(default_factory=list)               # re-embedded (content changed)
     recall_at_10: float | None = None
     seconds: float = 0.0
+    shard: str | None = None                 # "rank/world" on a rank other than 0 of a torchrun build
 
 
 def _load_method(model: str | Path, device: str) -> CIRMethod:
@@ -72,6 +74,40 @@ def _hash_all(files: dict[str, Path], progress: bool) -> tuple[dict[str, str], l
     return hashes, bad
 
 
+def _shard(files: dict[str, Path], ranks: distributed.DistInfo) -> dict[str, Path]:
+    """This rank's contiguous slice of the (name-sorted) gallery; all of it for one process."""
+    if not ranks.active:
+        return files
+    names = list(files)
+    lo, hi = distributed.shard_bounds(len(names), ranks.rank, ranks.world_size)
+    return {n: files[n] for n in names[lo:hi]}
+
+
+def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple[str, np.ndarray]]
+                  ) -> tuple[dict[str, str], list[tuple[str, str]], list[str], dict[str, np.ndarray], set[str]]:
+    """Rank 0: every shard's hashes, skips and changes, and the vectors the shards embedded
+    (read back from their chunks) -- the inputs a single-process build would hold here."""
+    hashes: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    changed: list[str] = []
+    embedded: list[str] = []
+    reused: set[str] = set()
+    for rank in range(world_size):
+        rec = partial.read_shard_record(rank, world_size)
+        hashes.update(rec["hashes"])
+        skipped += [(n, e) for n, e in rec["skipped"]]
+        changed += rec["changed"]
+        embedded += rec["embedded"]
+        reused.update(rec["reused"])
+    done_vectors, _ = partial.load()
+    known.update(done_vectors)
+    for name in embedded + sorted(reused):
+        if name not in known or known[name][0] != hashes[name]:
+            raise CheckpointError(f"{name}: its vector is missing from the shards written in "
+                                  f"{partial.folder}; rerun the same command to resume", partial.folder)
+    return hashes, skipped, sorted(changed), {n: known[n][1] for n in embedded}, reused
+
+
 def build_index(out: str | Path, gallery: str | Path | None = None, model: str | Path | None = None,
                 kind: str | None = None, add: bool = False, batch_size: int = 64,
                 chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", num_workers: int | None = None,
@@ -85,6 +121,11 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     (tests, or callers that already hold it); ``model`` is still the reference stored.
     An IVF engine without a given nprobe gets the smallest one reaching ``recall_target``
     recall@10 against exact search on a sample of gallery vectors.
+
+    Under torchrun (a joined process group) every rank hashes and embeds its contiguous shard
+    of the sorted image list into ``partial/`` (resumable like a single build); rank 0 then
+    merges the shards into the same index one process would write. Other ranks return a
+    report of their shard (``shard`` set, ``count`` 0).
     """
     from ..data.userdata import list_gallery
 
@@ -119,9 +160,10 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     method.eval()
     transform = method.encoder.image_transform("targetpad")
 
-    partial = PartialBuild(out)
+    ranks = distributed.current()
+    partial = PartialBuild(out, tag=f"r{ranks.rank}" if ranks.active else "")
     partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve())})
-    hashes, skipped = _hash_all(files, progress)
+    hashes, skipped = _hash_all(_shard(files, ranks), progress)
 
     # what is already known: the old index, then chunks of an interrupted run (newer wins)
     known: dict[str, tuple[str, np.ndarray]] = {}
@@ -146,6 +188,17 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
             fresh.update(zip(kept, vectors))
             skipped += errors
             bar.update(len(chunk))
+
+    if ranks.active:
+        partial.write_shard_record(ranks.rank, ranks.world_size, {
+            "hashes": hashes, "skipped": skipped, "changed": changed,
+            "embedded": list(fresh), "reused": sorted(reused_ok)})
+        distributed.barrier()   # every shard is in partial/
+        if not ranks.is_main:
+            return BuildReport(folder=out, count=0, embedded=len(fresh), reused=len(reused_ok), kind="shard",
+                               skipped=sorted(skipped), changed=changed, seconds=time.perf_counter() - start,
+                               shard=f"{ranks.rank}/{ranks.world_size}")
+        hashes, skipped, changed, fresh, reused_ok = _merge_shards(partial, ranks.world_size, known)
 
     names = [n for n in files if n in fresh or n in reused_ok]
     if not names:

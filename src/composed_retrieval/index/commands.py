@@ -69,10 +69,21 @@ def run_index(args: argparse.Namespace) -> int:
     for name in ("batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
-                         batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
-                         num_workers=args.num_workers, params=_params(args),
-                         recall_target=args.recall_target, progress=not args.quiet)
+    from ..train import distributed
+    # under torchrun each rank embeds a shard (on cuda:LOCAL_RANK with --device cuda); rank 0
+    # may wait long for the slowest shard, hence the long barrier timeout
+    ranks = distributed.setup(args.device, timeout_minutes=24 * 60)
+    try:
+        report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
+                             batch_size=args.batch_size, chunk_size=args.chunk_size, device=str(ranks.device),
+                             num_workers=args.num_workers, params=_params(args),
+                             recall_target=args.recall_target, progress=not args.quiet and ranks.is_main)
+    finally:
+        distributed.shutdown()
+    if report.shard is not None:
+        print(f"rank {report.shard}: {report.embedded} embedded, {report.reused} reused, "
+              f"{len(report.skipped)} skipped, {report.seconds:.1f}s (rank 0 writes the index)")
+        return 0
     for name, error in report.skipped:
         print(f"skipped {name}: {error}")
     for name in report.removed:

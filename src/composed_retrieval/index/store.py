@@ -165,8 +165,9 @@ class PartialBuild:
     """Chunks of an interrupted build: each chunk holds the vectors of the images it embedded
     and the images it could not read, keyed by name and content hash, so a rerun skips them."""
 
-    def __init__(self, index_folder: str | Path) -> None:
+    def __init__(self, index_folder: str | Path, tag: str = "") -> None:
         self.folder = Path(index_folder) / PARTIAL
+        self.tag = tag   # one per rank of a multi-process build, so ranks never pick one name
 
     def check_plan(self, plan: dict[str, Any]) -> None:
         """Start a new partial build or verify that the one on disk used the same model/gallery."""
@@ -206,10 +207,11 @@ class PartialBuild:
         """``errors``: (name, sha256, message) of the images of this chunk that failed."""
         errors = list(errors)
         number = len(self.chunks())
-        path = self.folder / f"chunk-{number:06d}.npz"
+        suffix = f"-{self.tag}" if self.tag else ""
+        path = self.folder / f"chunk-{number:06d}{suffix}.npz"
         while path.exists():
             number += 1
-            path = self.folder / f"chunk-{number:06d}.npz"
+            path = self.folder / f"chunk-{number:06d}{suffix}.npz"
         d = vectors.shape[1] if vectors.ndim == 2 else 0
         arrays = {
             "vectors": np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(names), d),
@@ -224,6 +226,14 @@ class PartialBuild:
                 np.savez(fh, **arrays)
 
         return atomic_write(path, save)
+
+    def write_shard_record(self, rank: int, world_size: int, record: dict[str, Any]) -> Path:
+        """What one rank of a multi-process build found in its shard (hashes, reused, skipped),
+        for rank 0 to merge; written after the shard's last chunk."""
+        return atomic_write_json(self.folder / f"shard-{rank}-of-{world_size}.json", record, indent=None)
+
+    def read_shard_record(self, rank: int, world_size: int) -> dict[str, Any]:
+        return read_json(self.folder / f"shard-{rank}-of-{world_size}.json", "index shard record")
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -75,9 +75,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config
     from .loop import Trainer
 
+    from . import distributed
+
     cfg = load_config(args.config, args.set, _explicit(args))
-    result = Trainer(cfg, args.out, resume=not args.no_resume, progress=not args.quiet).run()
-    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    try:
+        result = Trainer(cfg, args.out, resume=not args.no_resume, progress=not args.quiet).run()
+        if distributed.is_main_process():  # under torchrun only rank 0 holds the results
+            print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    finally:
+        distributed.shutdown()
     return 0
 
 

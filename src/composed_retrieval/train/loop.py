@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..methods.base import CIRMethod
 from . import checkpoint as ckpt
+from . import distributed
 from .sources import FeatureTable, PixelSource, encode_with
 
 
@@ -78,6 +79,8 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(cfg.get("device", "auto"))
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
+        self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -129,11 +132,14 @@ class Trainer:
         from ..evaluation.runner import evaluate_method
 
         cfg = self.cfg
-        state = self._check_run_dir()
+        self._join_process_group()
+        state = self._check_run_dir() if not self.dist.active else self._check_run_dir_all_ranks()
         seed_everything(cfg["seed"])
         method = build_method_from_config(cfg).to(self.device)
         if state is not None:
             method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
+        if self.dist.active and cfg.get("sync_batchnorm", True):
+            method = distributed.sync_batchnorm(method, self.device)
         # -- zero-shot hook: a method with train_on == "pairs" (textual inversion) trains on
         # -- image-caption pairs (cfg["pairs"], data/pairs.py) instead of triplets
         on_pairs = getattr(method, "train_on", "triplets") == "pairs"
@@ -168,7 +174,7 @@ class Trainer:
                 optimizer.load_state_dict(state["optimizer"])
             if first_epoch >= int(stage.get("epochs", 1)):
                 continue
-            train_tables = None if not method.image_tower_frozen else self.image_table(method, train_splits, "train")
+            train_tables = None if not method.image_tower_frozen else self._train_tables(method, train_splits)
             if train_tables is None:
                 pixels = [PixelSource(s.all_image_names(), s.image_path,
                                       method.encoder.image_transform(cfg["preprocess"]),
@@ -183,15 +189,28 @@ class Trainer:
                 datasets = pair_training_data(cfg, method, self.progress)
             data = ConcatDataset(datasets)
             self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step
+            self.ddp = distributed.wrap(method, self.dist, bool(cfg.get("ddp_find_unused_parameters", True))) \
+                if self.dist.active else None
             for epoch in range(first_epoch, int(stage.get("epochs", 1))):
                 t0 = time.time()
-                torch.manual_seed(epoch_seed(cfg["seed"], global_epoch))
+                torch.manual_seed(epoch_seed(cfg["seed"], global_epoch) + distributed.seed_offset(self.dist))
                 for ds in datasets:
                     ds.set_epoch(global_epoch)
                 gen = torch.Generator().manual_seed(epoch_seed(cfg["seed"], global_epoch))
-                loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
-                                    generator=gen, collate_fn=collate_triplets, num_workers=0)
+                if self.dist.active:  # same global batches as below; each rank takes its slice
+                    loader = DataLoader(data, batch_sampler=distributed.RankSliceBatchSampler(
+                        len(data), cfg["batch_size"], len(data) > cfg["batch_size"], gen,
+                        self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=0)
+                else:
+                    loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
+                                        generator=gen, collate_fn=collate_triplets, num_workers=0)
                 losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+                if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
+                    losses = distributed.average(losses)
+                    if not self.dist.is_main:
+                        global_epoch += 1
+                        distributed.barrier()
+                        continue
                 val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
                                       cfg["eval_batch_size"], self.device)
                 record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], **losses,
@@ -215,10 +234,35 @@ class Trainer:
                 self._write_history(history)
                 if self.progress:
                     print(json.dumps({k: record[k] for k in ("epoch", "stage", "loss", "headline")}), flush=True)
+                if self.dist.active:
+                    distributed.barrier()
             start_epoch = 0
             if state is not None:
                 state = None
         return self._finish(history)
+
+    # ---- several processes (torchrun): see train/distributed.py ---------------------------
+    def _join_process_group(self) -> None:
+        self.dist = distributed.setup(self.cfg.get("device", "auto"))
+        if self.dist.active:
+            self.device = self.dist.device
+            self.progress = self.progress and self.dist.is_main
+
+    def _check_run_dir_all_ranks(self) -> dict[str, Any] | None:
+        """Rank 0 checks and writes the run folder; then every rank reads ``last/`` itself
+        (the run folder must be on a file system that every node sees)."""
+        state, has_state = distributed.run_on_main(self._check_run_dir, lambda s: s is not None)
+        if not self.dist.is_main and has_state:
+            state = ckpt.load_state(self.run_dir / "last")
+        return state
+
+    def _train_tables(self, method: CIRMethod, splits: list[CIRSplit]) -> list[FeatureTable]:
+        """Training features of a frozen tower: rank 0 fills the feature cache first, so the
+        other ranks read it instead of encoding the same images again."""
+        if not self.dist.active:
+            return self.image_table(method, splits, "train")
+        tables, _ = distributed.run_on_main(lambda: self.image_table(method, splits, "train"))
+        return tables if tables is not None else self.image_table(method, splits, "train")
 
     def _apply_stage(self, method: CIRMethod, stage: dict[str, Any]) -> None:
         method.set_stage(stage["name"])
@@ -242,8 +286,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress, leave=False)
         for batch in bar:
             batch = self._to_device(method, batch)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = method(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), distributed.global_batch(self.ddp is not None):
+                out = (self.ddp or method)(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if self.cfg.get("grad_clip"):
