@@ -1,0 +1,206 @@
+"""SPN on the synthetic benchmark: does scaling positives and negatives help each method?
+
+For Combiner, DRA and CaLa on the tiny encoder, four variants under the same budget (the same
+stages, epochs and optimizer steps per epoch), over several seeds:
+
+* ``base``: stage 1 trains the towers (and the method) for ``--epochs1`` epochs; stage 2 trains
+  the method on the frozen image tower (cached features) for ``--epochs2`` epochs. Combiner:
+  ``finetune`` + ``combiner``; DRA: ``warmup`` + ``main``; CaLa: ``main`` + ``main``.
+* ``pos``: + generated positives (``cir spn generate`` with the benchmark's scene captions,
+  partners from the rank window ``--window`` of a random tiny image tower, one per image),
+  added to every stage with ``extra_train_splits``;
+* ``neg``: stage 2 trains against the static bank of every training image
+  (``spn_negatives: {tau, k}``) instead of the method's own loss;
+* ``both``: the two together.
+
+Every epoch is capped at the base's steps per epoch (``max_steps_per_epoch``), so the extra
+triplets of ``pos`` change what a step sees, not how many steps there are. Each run keeps its
+best epoch by the validation headline; the table reports that epoch's val and heldout
+CIRR-style R@1, R@5 and Rsubset@1 (mean +- std over seeds); ``--pick last`` reports the last
+epoch instead (when stage 1 already holds the best epoch, best-epoch rows of ``base`` and
+``neg`` coincide, since they differ only in stage 2). Runs are resumable: a finished run
+folder is read back, not trained again.
+
+    python benchmarks/spn_table.py --size tiny --seeds 0 --epochs1 1 --epochs2 1      # smoke test
+    python benchmarks/spn_table.py --device cuda --parallel 6                          # the table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+METHODS = ("combiner", "dra", "cala")
+VARIANTS = ("base", "pos", "neg", "both")
+STAGE_NAMES = {"combiner": ("finetune", "combiner"), "dra": ("warmup", "main"), "cala": ("main", "main")}
+METRICS = ("recall@1", "recall@5", "recall_subset@1")
+
+
+def _data(out: Path, size: str, data_seed: int) -> Path:
+    from composed_retrieval.synth.writer import write_synth
+
+    root = out / "data" / f"{size}-seed{data_seed}"
+    if not (root / "synth.json").is_file():
+        write_synth(root, seed=data_seed, size=size, workers=min(4, os.cpu_count() or 1))
+    return root
+
+
+def _positives(root: Path, seed: int, window: str, device: str) -> str:
+    """The generated split for one seed (kept when it is already there)."""
+    from composed_retrieval.cli import main
+
+    split = f"spn{seed}"
+    manifest = root / f"spn.{split}.json"
+    if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"):
+        main(["spn", "generate", "--dataset", "cirr", "--root", str(root), "--encoder", "tiny",
+              "--captioner", "scenes", "--window", window, "--out-split", split, "--seed", str(seed),
+              "--device", device, "--quiet"])
+    return split
+
+
+def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Namespace, steps: int,
+            spn_split: str) -> dict[str, Any]:
+    import importlib.resources as res
+
+    from composed_retrieval.config import load_config
+
+    base = json.loads(res.files("composed_retrieval").joinpath("configs", f"synth_{method}.json").read_text())
+    base.pop("notes", None)
+    s1, s2 = STAGE_NAMES[method]
+    stage2: dict[str, Any] = {"name": s2, "epochs": args.epochs2, "lr": args.lr2,
+                              "train_image_tower": False, "train_text_tower": False}
+    if variant in ("neg", "both"):
+        stage2["spn_negatives"] = {"tau": args.tau, "k": args.k}
+    base.update({
+        "root": str(root), "seed": seed, "device": args.device, "batch_size": args.batch_size,
+        "max_steps_per_epoch": steps, "extra_eval_splits": ["heldout"],
+        "cache_dir": str(args.out / ".feature_cache"),
+        "extra_train_splits": [spn_split] if variant in ("pos", "both") else [],
+        "stages": [{"name": s1, "epochs": args.epochs1, "lr": args.lr1, "train_image_tower": True,
+                    "train_text_tower": True}, stage2],
+    })
+    return load_config(None, [], base)
+
+
+def _run(cfg: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """One training run in a worker process; a finished run is read back."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    from composed_retrieval.train.loop import Trainer
+
+    def with_last(result: dict[str, Any]) -> dict[str, Any]:
+        rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        return result | {"last": {"val": rows[-1]["val"], "heldout": rows[-1]["heldout"]}}
+
+    done = Path(run_dir) / "results.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("config") == json.loads(json.dumps(cfg)):
+            return with_last(saved) | {"seconds": 0.0, "reused": True}
+    t = time.perf_counter()
+    result = Trainer(cfg, run_dir, resume=True, progress=False).run()
+    return with_last(result) | {"seconds": round(time.perf_counter() - t, 1)}
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(results: dict[tuple[str, str, int], dict[str, Any]], methods: list[str], variants: list[str],
+          pick: str = "best") -> str:
+    head = ["method", "variant"] + [f"{s} {m.replace('recall_subset', 'Rs').replace('recall', 'R')}"
+                                    for s in ("val", "heldout") for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        for variant in variants:
+            rows = [r if pick == "best" else r["last"] for (m, v, _), r in sorted(results.items())
+                    if m == method and v == variant]
+            if not rows:
+                continue
+            cells = [_fmt([r[s][m] for r in rows]) for s in ("val", "heldout") for m in METRICS]
+            lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/spn_table"))
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--epochs1", type=int, default=8, help="stage 1 epochs (towers train)")
+    ap.add_argument("--epochs2", type=int, default=4, help="stage 2 epochs (frozen image tower)")
+    ap.add_argument("--lr1", type=float, default=1e-3)
+    ap.add_argument("--lr2", type=float, default=2e-4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tau", type=float, default=0.03)
+    ap.add_argument("--k", type=int, default=None, help="sampled negatives (default: the whole bank)")
+    ap.add_argument("--window", default="20,100", help="partner rank window for the positives")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    ap.add_argument("--pick", default="best", choices=["best", "last"],
+                    help="report the best epoch by val headline (default) or the last epoch")
+    args = ap.parse_args()
+    args.out = args.out.resolve()
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = sorted(set(methods) - set(METHODS)) + sorted(set(variants) - set(VARIANTS))
+    if bad:
+        print(f"error: unknown method or variant {bad[0]!r}", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    root = _data(args.out, args.size, args.data_seed)
+    n_train = len(json.loads((root / "captions" / "cap.rc2.train.json").read_text()))
+    steps = math.ceil(n_train / args.batch_size)
+    spn_split = {s: _positives(root, s, args.window, args.device) for s in seeds if {"pos", "both"} & set(variants)}
+    prep = time.perf_counter() - t0
+
+    jobs = {(m, v, s): _config(m, v, s, root, args, steps, spn_split.get(s, ""))
+            for m in methods for v in variants for s in seeds}
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    import multiprocessing as mp
+    with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run, cfg, str(args.out / "runs" / f"{m}-{v}-seed{s}"), threads): (m, v, s)
+                   for (m, v, s), cfg in jobs.items()}
+        for fut in as_completed(futures):
+            key = futures[fut]
+            results[key] = fut.result()
+            r = results[key]
+            print(json.dumps({"run": "-".join(map(str, key)), "val_R@1": round(r["val"]["recall@1"], 1),
+                              "heldout_R@1": round(r["heldout"]["recall@1"], 1), "seconds": r["seconds"]}), flush=True)
+
+    text = table(results, methods, variants, args.pick)
+    run_seconds = [r["seconds"] for r in results.values() if not r.get("reused")]
+    summary = (f"SPN on the synthetic benchmark ({args.size}, data seed {args.data_seed}), tiny encoder, seeds "
+               f"{seeds}; stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 2 {args.epochs2} epochs (lr {args.lr2}), "
+               f"{steps} steps per epoch of batch {args.batch_size}; negatives tau {args.tau}, k {args.k}; "
+               f"positives window {args.window}. "
+               f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
+    cost = (f"data + positives {prep:.0f} s; {len(run_seconds)} runs trained, "
+            f"{(statistics.mean(run_seconds) if run_seconds else 0):.0f} s per run on average "
+            f"({args.device}, {args.parallel} at once); total {time.perf_counter() - t0:.0f} s")
+    print("\n" + summary + "\n\n" + text + "\n\n" + cost)
+    (args.out / "table.md").write_text(summary + "\n\n" + text + "\n\n" + cost + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"-".join(map(str, k)): {s: v[s] for s in ("val", "heldout", "best_epoch", "last", "seconds")} for k, v in results.items()},
+        indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
