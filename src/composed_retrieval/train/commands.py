@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation metrics of a trained run as JSON")
     p.add_argument("--run", required=True, help="run folder or checkpoint folder")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
+    p.add_argument("--method", default=None,
+                   help="evaluate this training-free method (image_only, text_only, sum) on the run's towers")
     p.add_argument("--dataset", default=None)
     p.add_argument("--root", default=None)
     p.add_argument("--image-root", default=None)
@@ -112,6 +114,9 @@ def _eval_setup(args: argparse.Namespace, default_split: str):  # type: ignore[n
     cfg["device"] = args.device
     split = args.split or (default_split if default_split != "val" else cfg["val_split"])
     method = load_method(folder, resolve_device(args.device))
+    if getattr(args, "method", None):
+        from ..methods.registry import build_method
+        method = build_method(args.method, method.encoder).to(resolve_device(args.device)).eval()
     splits = load_data(cfg, split, training=False)
     trainer = Trainer(cfg, folder.parent if folder.name in ("best", "last") else folder, progress=not args.quiet)
     return method, splits, trainer, cfg
