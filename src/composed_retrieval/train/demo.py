@@ -12,7 +12,11 @@ from ..fileio import atomic_write_json
 
 
 def demo_config_path(method: str) -> Path:
-    path = Path(str(resources.files("composed_retrieval") / "configs" / f"synth_{method}.json"))
+    """``demo_<method>.json`` (a budget sized for 2 CPU cores) or else ``synth_<method>.json``."""
+    folder = Path(str(resources.files("composed_retrieval") / "configs"))
+    path = folder / f"demo_{method}.json"
+    if not path.is_file():
+        path = folder / f"synth_{method}.json"
     if not path.is_file():
         from ..errors import ConfigError
         available = sorted(p.name[6:-5] for p in path.parent.glob("synth_*.json"))
