@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from ..config import DEFAULTS, merge
 from ..data.base import CIRSplit
 from ..encoders.base import Features
 from ..errors import ConfigError
@@ -88,7 +89,7 @@ class Trainer:
         state = None
         if saved.exists() and self.resume:
             old = read_json(saved, "run config")
-            if _comparable(old) != _comparable(self.cfg):
+            if _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):  # keys added since keep defaults
                 raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
                                   "choose a new --out or pass --no-resume")
             if (self.run_dir / "last" / ckpt.META).is_file():
