@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders.base import EncoderPair, Features
+from ..errors import ConfigError
+
+
+class StageError(ConfigError, ValueError):
+    """An unknown stage name: a config mistake (one-line CLI error), still a ValueError for callers."""
 
 
 class CIRMethod(nn.Module):
@@ -39,7 +44,8 @@ class CIRMethod(nn.Module):
     # ---- stages and what trains -------------------------------------------------------
     def set_stage(self, stage: str) -> None:
         if stage not in self.stages:
-            raise ValueError(f"{self.name} has stages {self.stages}, not {stage!r}")
+            raise StageError(f"method {self.name!r} has stages {', '.join(self.stages)}, not {stage!r} "
+                             "(check the config's stages[].name)")
         self.stage = stage
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -132,6 +134,33 @@ def init_weights_from(method: CIRMethod, path: str | Path) -> list[str]:
     take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     method.load_state_dict(take, strict=False)
     return sorted(take)
+
+
+def write_folder(final: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a fresh hidden sibling folder, then swap it in with two renames, so a crash at any
+    point leaves the previous complete folder or the new one (``recover_folder`` finishes a swap
+    cut between its renames). Used for ``last/``, whose weights and training state must agree."""
+    final = Path(final)
+    new, old = final.with_name(f".{final.name}.new"), final.with_name(f".{final.name}.old")
+    shutil.rmtree(new, ignore_errors=True)
+    fill(new)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover_folder(final: str | Path) -> None:
+    """Undo what a crash inside ``write_folder`` left: restore the previous folder if the swap
+    was cut between its renames, and drop half-filled or leftover siblings. Writers only."""
+    final = Path(final)
+    new, old = final.with_name(f".{final.name}.new"), final.with_name(f".{final.name}.old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:

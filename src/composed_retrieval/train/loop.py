@@ -88,6 +88,8 @@ class Trainer:
         saved = self.run_dir / "config.json"
         state = None
         if saved.exists() and self.resume:
+            for sub in ("best", "last"):  # finish or undo a checkpoint swap cut by a crash
+                ckpt.recover_folder(self.run_dir / sub)
             old = read_json(saved, "run config")
             if _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):  # keys added since keep defaults
                 raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
@@ -158,7 +160,7 @@ class Trainer:
         global_epoch = state["global_epoch"] if state else 0
         start_stage = state["stage_index"] if state else 0
         start_epoch = state["epoch_in_stage"] if state else 0
-        history = _read_history(self.metrics_path, global_epoch)
+        history = list(state["history"]) if state and "history" in state else _read_history(self.metrics_path, global_epoch)
         amp = bool(cfg.get("amp")) and self.device.type == "cuda"
 
         for stage_index, stage in enumerate(cfg["stages"]):
@@ -222,16 +224,21 @@ class Trainer:
                 record["seconds"] = round(time.time() - t0, 2)
                 global_epoch += 1
                 improved = record["headline"] > best
+                history.append(record)
+                # best/ and last/ are each swapped in whole (weights, metadata and, in last/,
+                # the resume state with the metrics so far), so a crash leaves one epoch's set
                 if improved:
                     best = record["headline"]
-                    ckpt.save_method(method, self.run_dir / "best", {"epoch": global_epoch, "val": val})
-                ckpt.save_method(method, self.run_dir / "last", {"epoch": global_epoch, "val": val})
+                    ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.save_method(
+                        method, d, {"epoch": global_epoch, "val": val}))
                 done_in_stage = epoch + 1
                 next_stage, next_epoch = (stage_index, done_in_stage)
-                ckpt.save_state(self.run_dir / "last", {
-                    "optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
-                    "stage_index": next_stage, "epoch_in_stage": next_epoch, "best": best})
-                history.append(record)
+                resume_state = {"optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
+                                "stage_index": next_stage, "epoch_in_stage": next_epoch, "best": best,
+                                "history": history}
+                ckpt.write_folder(self.run_dir / "last", lambda d: (
+                    ckpt.save_method(method, d, {"epoch": global_epoch, "val": val}),
+                    ckpt.save_state(d, resume_state)))
                 self._write_history(history)
                 if self.progress:
                     print(json.dumps({k: record[k] for k in ("epoch", "stage", "loss", "headline")}), flush=True)
