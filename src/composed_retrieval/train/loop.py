@@ -247,7 +247,7 @@ class Trainer:
             start_epoch = 0
             if state is not None:
                 state = None
-        return self._finish(history)
+        return self._finish(history) if self.dist.is_main else {}   # results.json: rank 0's alone
 
     # ---- several processes (torchrun): see train/distributed.py ---------------------------
     def _join_process_group(self) -> None:
