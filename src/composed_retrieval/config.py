@@ -102,7 +102,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     if explicit:
         cfg = merge(cfg, {k: v for k, v in explicit.items() if v is not None})
     cfg = apply_overrides(cfg, overrides or [])
-    validate_config(cfg)
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        if not path or exc.path is not None:
+            raise
+        raise ConfigError(f"{exc}{' (after --set overrides)' if overrides else ''}", path) from None
     return cfg
 
 
@@ -120,3 +125,45 @@ def validate_config(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"config field stages[{i}].{key} must be a non-negative integer")
     if not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:
         raise ConfigError("config field 'batch_size' must be a positive integer")
+    _check_types(cfg)
+
+
+# field -> (accepted types, smallest value for numbers, what the message asks for)
+_NUM = (int, float)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], float | None, str]] = {
+    "method": ((str,), None, "a string"), "encoder": ((str,), None, "a string"),
+    "dataset": ((str,), None, "a string"), "preprocess": ((str,), None, "a string"),
+    "train_split": ((str,), None, "a string"), "val_split": ((str,), None, "a string"),
+    "caption_policy": ((str,), None, "a string"), "device": ((str,), None, "a string"),
+    "root": ((str, type(None)), None, "a path string"), "image_root": ((str, type(None)), None, "a path string"),
+    "encoder_checkpoint": ((str, type(None)), None, "a path string"),
+    "init_from": ((str, type(None)), None, "a path string"), "cache_dir": ((str, type(None)), None, "a path string"),
+    "method_config": ((dict,), None, "an object"), "encoder_config": ((dict,), None, "an object"),
+    "extra_train_splits": ((list,), None, "a list of split names"),
+    "extra_eval_splits": ((list,), None, "a list of split names"),
+    "categories": ((list, str, type(None)), None, "a list of category names"),
+    "seed": ((int,), 0, "a non-negative integer"), "amp": ((bool,), None, "true or false"),
+    "num_workers": ((int,), 0, "a non-negative integer"), "eval_batch_size": ((int,), 1, "a positive integer"),
+    "log_every": ((int,), 1, "a positive integer"),
+    "max_steps_per_epoch": ((int, type(None)), 1, "a positive integer or null"),
+    "weight_decay": (_NUM, 0, "a non-negative number"), "grad_clip": (_NUM + (type(None),), 0, "a non-negative number or null"),
+    "preload_pixels_max_mb": (_NUM, 0, "a non-negative number"),
+}
+
+
+def _check_types(cfg: dict[str, Any]) -> None:
+    """Wrong-typed fields fail here, with their name, instead of deep inside training."""
+    for key, (kinds, low, wanted) in _FIELD_TYPES.items():
+        value = cfg.get(key)
+        bad = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if not bad and low is not None and isinstance(value, _NUM) and not isinstance(value, bool):
+            bad = value < low
+        if not bad and isinstance(value, list):
+            bad = not all(isinstance(v, str) for v in value)
+        if bad:
+            raise ConfigError(f"config field '{key}' must be {wanted}, found {json.dumps(value, default=str)[:80]}")
+    for i, st in enumerate(cfg["stages"]):
+        for key in ("lr", "weight_decay"):
+            if key in st and (not isinstance(st[key], _NUM) or isinstance(st[key], bool) or st[key] < 0):
+                raise ConfigError(f"config field stages[{i}].{key} must be a non-negative number, "
+                                  f"found {json.dumps(st[key], default=str)[:80]}")

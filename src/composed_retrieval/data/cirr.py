@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .base import CIRSplit
+from .userdata import safe_name
 from .checks import (check_images_exist, check_part, entry_error, field, read_json_as,
                      require_known, str_list, unique_ids)
 
@@ -34,6 +35,10 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
     for name, rel in relpaths.items():
         if not isinstance(rel, str) or not rel:
             raise DataError(f"image {name!r}: path must be a non-empty string, found {rel!r}", split_path)
+        try:  # a path may not leave the image root ('..', absolute paths)
+            rel = safe_name(rel)
+        except ValueError as exc:
+            raise DataError(f"image {name!r}: path {rel!r} {exc}", split_path) from None
         images[name] = image_root / rel
     gallery = list(relpaths)
 

@@ -56,6 +56,8 @@ def load_fashioniq(root: str | Path, split: str, category: str, image_root: str 
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name:
             raise DataError(f"entry {i}: image name must be a non-empty string, found {name!r}", split_path)
+        if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+            raise DataError(f"entry {i}: image name {name!r} must be a plain file name (no folders)", split_path)
     gallery = list(dict.fromkeys(names))  # a repeated name is one image: keep its first position
 
     ext = detect_extension(image_dir, gallery) if image_dir.is_dir() else None

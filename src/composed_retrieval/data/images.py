@@ -50,7 +50,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                 return _to_rgb(im)
     except DataError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image is too large, refused as a possible decompression bomb ({exc})", path) from None
+    except UnidentifiedImageError as exc:
         raise DataError(f"not a readable image ({type(exc).__name__})", path) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt or truncated image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", path) from None

@@ -82,7 +82,7 @@ def build_encoder(name: str, checkpoint: str | Path | None = None, **kw: Any) ->
         from .tiny import TinyEncoder
         try:
             encoder: EncoderPair = TinyEncoder(**kw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative width
             raise ConfigError(f"bad options for the tiny encoder: {_one_line(exc)}") from None
         if checkpoint is not None:
             load_weights(encoder, checkpoint)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from ..data.images import load_image
 from ..errors import CIRError, DataError
 from ..index.search import Reference, Searcher, UnknownImage, UnsafeName
+from .guard import RequestGuard
 
 STATIC = Path(__file__).parent / "static"
 
@@ -40,6 +41,9 @@ class Limits:
     thumbnail_px: int = 256
     thumbnail_cache: int = 4096          # thumbnails kept in memory (about 10 kB each)
     gallery_page: int = 200              # most names one /gallery request returns
+    max_concurrent: int = 8              # requests running at once (service/guard.py)
+    max_queued: int = 64                 # requests waiting for a slot; beyond that: 429
+    request_timeout_s: float = 30.0      # no answer by then (queueing included): 503
 
 
 class ThumbnailCache:
@@ -89,6 +93,8 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
     thumbs = ThumbnailCache(limits.thumbnail_px, limits.thumbnail_cache, limits.max_image_pixels)
     app = FastAPI(title="composed-retrieval search",
                   description="Search a gallery with a reference image and a modification text.")
+    app.add_middleware(RequestGuard, max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
+                       timeout_s=limits.request_timeout_s, max_body_bytes=limits.max_upload_bytes + 64 * 1024)
 
     # ---- errors: one line of JSON, never a traceback -----------------------------------
     @app.exception_handler(RequestValidationError)

@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest accepted image, width x height (default 40 million)")
     p.add_argument("--max-text-chars", type=int, default=500, help="longest accepted modification text")
     p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=8, help="requests handled at once (default 8)")
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="requests waiting for a free slot; more are answered 429 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds before an unanswered request gets 503, queueing included (default 30)")
     p.set_defaults(func=run_serve)
 
 
@@ -29,13 +34,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..index.search import Searcher
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    for name in ("max_upload_mb", "max_image_pixels", "max_text_chars", "max_k"):
+    if args.max_queued < 0:
+        raise ConfigError(f"--max-queued must be 0 or more, got {args.max_queued}")
+    for name in ("max_upload_mb", "max_image_pixels", "max_text_chars", "max_k", "max_concurrent",
+                 "request_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     import uvicorn
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
-                    max_k=args.max_k)
+                    max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+                    request_timeout_s=args.request_timeout)
     searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
                              max_pixels=limits.max_image_pixels)
     app = create_app(searcher, limits)
