@@ -8,6 +8,8 @@ and only their state dict is kept.
 """
 from __future__ import annotations
 
+import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif is_torchscript_archive(path):
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad header, refused pickle global, ...
+            with warnings.catch_warnings():  # pickle-protocol warnings would break one-line errors
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only" not in str(exc):  # a truncated legacy pickle, not a refusal
+            raise CheckpointError(f"corrupt or truncated file ({' '.join(str(exc).split())[:200]})", path) from None
+        raise CheckpointError("checkpoint refused: it holds Python objects other than tensors "
+                              "(nothing was executed); use a safetensors or state-dict file", path) from None
+    except Exception as exc:  # truncated zip, bad header, ...
         raise CheckpointError(f"corrupt, truncated or unsupported checkpoint ({_one_line(exc)})", path) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

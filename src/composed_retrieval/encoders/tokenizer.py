@@ -40,7 +40,8 @@ class HashTokenizer:
     def word_id(self, word: str) -> int:
         if word == SLOT_WORD:
             return SLOT_ID
-        return N_SPECIAL + zlib.crc32(word.encode("utf-8")) % self.n_buckets
+        # surrogatepass: a lone surrogate (JSON "\\udce9", undecodable argv bytes) hashes instead of crashing
+        return N_SPECIAL + zlib.crc32(word.encode("utf-8", "surrogatepass")) % self.n_buckets
 
     def encode(self, text: str) -> list[int]:
         ids = [self.word_id(w) for w in split_words(text)][: self.context_length - 2]

@@ -165,6 +165,10 @@ class Searcher:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise DataError("the modification text is empty")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:  # undecodable bytes from argv or a file
+                raise DataError(f"the modification text is not valid UTF-8 (at character {exc.start})") from None
         pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
         with self._lock, torch.no_grad():
             tokens = self.method.encoder.tokenize(list(texts)).to(self.device)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -172,6 +174,14 @@ def load_state(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling refusal or truncation is the same user problem
-        raise CheckpointError(f"unreadable training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", path) from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols: not one-line output
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only" not in str(exc):  # a truncated legacy pickle, not a refusal
+            raise CheckpointError(f"corrupt or truncated file ({' '.join(str(exc).split())[:200]})", path) from None
+        raise CheckpointError("training state refused: it holds Python objects other than tensors and "
+                              "plain values (nothing was executed); delete it or pass --no-resume", path) from None
+    except Exception as exc:  # truncation, bad zip: the same user problem
+        raise CheckpointError(f"unreadable training state, truncated or corrupt "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", path) from None
