@@ -86,6 +86,8 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
         "stages": [{"name": s1, "epochs": args.epochs1, "lr": args.lr1, "train_image_tower": True,
                     "train_text_tower": True}, stage2],
     })
+    if args.init_from:
+        base["init_from"] = str(Path(args.init_from).resolve())
     return load_config(None, [], base)
 
 
@@ -141,6 +143,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--epochs1", type=int, default=8, help="stage 1 epochs (towers train)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this run's weights (e.g. a shared backbone; with --epochs1 0 only stage 2 trains)")
     ap.add_argument("--epochs2", type=int, default=4, help="stage 2 epochs (frozen image tower)")
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=2e-4)

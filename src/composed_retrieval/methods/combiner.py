@@ -38,7 +38,13 @@ class CombinerNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Unnormalised composed feature ``[B, d]`` from pooled image and text features."""
+        """Unnormalised composed feature ``[B, d]`` from pooled image and text features.
+
+        The inputs are L2-normalised first: the residual ``lambda t + (1 - lambda) i`` mixes the
+        two towers' features, which only means something when they are on one scale (CLIP's
+        towers happen to give similar norms; a tower trained from scratch need not).
+        """
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         t = self.dropout(F.relu(self.text_projection(text)))
         i = self.dropout(F.relu(self.image_projection(image)))
         c = torch.cat([t, i], dim=-1)
