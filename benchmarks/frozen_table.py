@@ -52,7 +52,10 @@ if __name__ == "__main__":
     parser = common_args(__doc__)
     parser.add_argument("--backbone", required=True, help="run or checkpoint folder whose towers are shared")
     args = parser.parse_args()
-    args.set = [f"init_from={Path(args.backbone).resolve()}"] + list(args.set)
+    from composed_retrieval.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
+
+    towers = read_checkpoint_meta(resolve_checkpoint(args.backbone))["encoder_config"].get("kwargs") or {}
+    args.set = [f"encoder_config={json.dumps(towers)}", f"init_from={Path(args.backbone).resolve()}"] + list(args.set)
     results = evaluate_training_free(Path(args.backbone), Path(args.data), args.device)
     results.update(run_experiments(TRAINED, args))
     report(results, args)

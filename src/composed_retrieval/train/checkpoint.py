@@ -133,7 +133,14 @@ def init_weights_from(method: CIRMethod, path: str | Path) -> list[str]:
     folder = resolve_checkpoint(path)
     state = load_weights(folder)
     own = method.state_dict()
-    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    clash = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if clash:
+        raise CheckpointError(f"{len(clash)} weights do not fit this model (is encoder_config the same as the "
+                              f"run's?), e.g. {'; '.join(clash[:2])}", folder / WEIGHTS)
+    take = {k: v for k, v in state.items() if k in own}
+    if not any(k.startswith("encoder.") for k in take):
+        raise CheckpointError("no encoder weights in common with this model (different encoder?)", folder / WEIGHTS)
     method.load_state_dict(take, strict=False)
     return sorted(take)
 
