@@ -44,6 +44,7 @@ from torch import nn
 from ..encoders.base import EncoderPair, Features
 from ..errors import ConfigError
 from ..losses import diagonal_cross_entropy
+from ..train.distributed import gather_rows   # identity outside a multi-process global batch
 from .base import CIRMethod
 from .combiner import CombinerNet
 from .dra import check_weight, excluding, read_options, require_tokens, sum_compose
@@ -114,14 +115,14 @@ class CaLa(CIRMethod):
         target_vec = self.gallery_embedding(target)
         text_vec = F.normalize(text.pooled.float(), dim=-1)
 
-        logits_match = o["match_scale"] * self.compose(reference, text) @ target_vec.t()
+        logits_match = o["match_scale"] * self.compose(reference, text) @ gather_rows(target_vec).t()
         out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
         logits = logits_match
         if self.uses_tac:
             require_tokens(reference, "reference image", self.name)
             require_tokens(target, "target image", self.name)
             fused = self.tac(reference.tokens.float(), target.tokens.float(), reference.mask, target.mask)
-            logits_align = o["align_scale"] * text_vec @ F.normalize(fused, dim=-1).t()
+            logits_align = o["align_scale"] * text_vec @ gather_rows(F.normalize(fused, dim=-1)).t()
             out["align"] = diagonal_cross_entropy(logits_align.detach())
             logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
         contrastive = diagonal_cross_entropy(logits)
@@ -134,7 +135,7 @@ class CaLa(CIRMethod):
             pseudo_target = self.hca(reference.tokens.float(), text.tokens.float(), target.tokens.float(),
                                      reference.mask, text.mask, target.mask)
             reference_vec = F.normalize(reference.pooled.float(), dim=-1)
-            logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ reference_vec.t()
+            logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ gather_rows(reference_vec).t()
             reasoning = diagonal_cross_entropy(logits_reason)
             out["reasoning"] = reasoning.detach()
             loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive

@@ -90,6 +90,8 @@ class Trainer:
         if saved.exists() and self.resume:
             for sub in ("best", "last"):  # finish or undo a checkpoint swap cut by a crash
                 ckpt.recover_folder(self.run_dir / sub)
+            for tmp in self.run_dir.glob(".*.tmp"):  # atomic_write temporaries of a killed run
+                tmp.unlink(missing_ok=True)
             old = read_json(saved, "run config")
             if _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):  # keys added since keep defaults
                 raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
@@ -143,6 +145,9 @@ class Trainer:
             method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
         if self.dist.active and cfg.get("sync_batchnorm", True):
             method = distributed.sync_batchnorm(method, self.device)
+        if self.dist.active and getattr(method, "masked", False):
+            raise ConfigError("masked textual inversion picks its masked pairs per batch, so ranks would "
+                              "disagree on which collectives to run; train it with one process (no torchrun)")
         # -- zero-shot hook: a method with train_on == "pairs" (textual inversion) trains on
         # -- image-caption pairs (cfg["pairs"], data/pairs.py) instead of triplets
         on_pairs = getattr(method, "train_on", "triplets") == "pairs"
