@@ -300,7 +300,7 @@ class Trainer:
         for batch in bar:
             batch = self._to_device(method, batch)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), distributed.global_batch(self.ddp is not None):
-                out = (self.ddp or method)(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
+                out = (self.ddp if self.ddp is not None else method)(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if self.cfg.get("grad_clip"):
