@@ -87,7 +87,10 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
                     "train_text_tower": True}, stage2],
     })
     if args.init_from:
+        from composed_retrieval.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
+
         base["init_from"] = str(Path(args.init_from).resolve())
+        base["encoder_config"] = read_checkpoint_meta(resolve_checkpoint(args.init_from))["encoder_config"].get("kwargs") or {}
     return load_config(None, [], base)
 
 
