@@ -35,6 +35,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="comma-separated experiment names")
     p.add_argument("--set", action="append", default=[], help="override applied to every run")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--collect", action="store_true", help="only tabulate finished runs (results.json), train nothing")
     p.add_argument("--smoke", action="store_true", help="1 epoch per stage, 2 steps: checks that every run works")
     return p
 
@@ -84,6 +85,9 @@ def run_experiments(experiments: dict[str, dict[str, Any]], args: argparse.Names
                          "explicit": {"root": str(data), "seed": seed, "device": args.device},
                          "threads": args.threads})
             keys.append(name)
+    if getattr(args, "collect", False):
+        done = [(j, k) for j, k in zip(jobs, keys) if (Path(j["run"]) / "results.json").is_file()]
+        jobs, keys = [j for j, _ in done], [k for _, k in done]
     if args.parallel > 1:
         # not a multiprocessing.Pool: its daemonic workers may not start DataLoader workers
         from concurrent.futures import ProcessPoolExecutor
