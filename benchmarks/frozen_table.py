@@ -1,7 +1,7 @@
 """Methods compared on one shared backbone (CPU-affordable): the tiny towers are trained once
 (``--backbone RUN``, e.g. the stage-1 fine-tuning of `cir train --config synth_combiner.json`),
 then frozen; training-free baselines are evaluated on them and every compositor (Combiner, DRA,
-CaLa and their ablations) trains on the cached features with the same 4-epoch budget.
+CaLa and their ablations) trains on the cached features with the same budget (4 epochs of 30 steps).
 
     python benchmarks/frozen_table.py --backbone runs/backbone --seeds 0,1,2
 """
