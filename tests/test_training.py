@@ -39,6 +39,7 @@ def test_run_folder_has_everything(synth_tiny: Path, tmp_path: Path) -> None:
         assert (run / name).is_file(), name
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["finetune", "combiner"]
+    assert result["best_epoch"] == 2  # the best epoch of the final stage: a Combiner run is a Combiner
     assert all(r["steps"] == 3 for r in rows)
     assert set(rows[0]["val"]) >= {"recall@1", "recall@5", "recall_subset@1", "avg"}
     assert "heldout" in rows[0] and "heldout" in result

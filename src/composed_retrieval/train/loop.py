@@ -199,6 +199,11 @@ class Trainer:
             self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step
             self.ddp = distributed.wrap(method, self.dist, bool(cfg.get("ddp_find_unused_parameters", True))) \
                 if self.dist.active else None
+            if first_epoch == 0 and int(stage.get("epochs", 1)) > 0:
+                # the best checkpoint is the best epoch of the last stage that trains: a
+                # two-stage method is its final stage (a Combiner run must not end up being
+                # its stage-1 sum model because that epoch scored higher)
+                best = -math.inf
             for epoch in range(first_epoch, int(stage.get("epochs", 1))):
                 t0 = time.time()
                 torch.manual_seed(epoch_seed(cfg["seed"], global_epoch) + distributed.seed_offset(self.dist))
@@ -221,7 +226,7 @@ class Trainer:
                         continue
                 val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
                                       cfg["eval_batch_size"], self.device)
-                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], **losses,
+                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index, **losses,
                                           "val": val, "headline": headline(val_splits[0].protocol, val)}
                 for name, splits in extra.items():
                     record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
@@ -334,7 +339,8 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
             return {}
-        best = max(history, key=lambda r: r["headline"])
+        last_stage = max(r.get("stage_index", 0) for r in history)
+        best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
                   **{k: best[k] for k in self.cfg.get("extra_eval_splits") or [] if k in best},
                   "epochs": len(history), "config": self.cfg}
