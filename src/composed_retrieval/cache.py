@@ -23,7 +23,7 @@ import torch
 
 from .encoders.base import EncoderPair, Features
 from .errors import CIRError, ConfigError, DataError
-from .fileio import atomic_write, atomic_write_json, read_json
+from .fileio import atomic_write, atomic_write_json, read_json, sha256_file
 
 CACHE_FORMAT = 1
 _HASH_MEMO: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
@@ -50,12 +50,6 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _slug(text: str) -> str:
@@ -182,7 +176,7 @@ class FeatureCache:
             "errors": [list(e) for e in errors],
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "file_size": data_path.stat().st_size,
-            "file_sha256": _sha256_file(data_path),
+            "file_sha256": sha256_file(data_path),
             "encoder_config": dict(encoder.config),
         })
         atomic_write_json(meta_path, meta, indent=None)
@@ -203,7 +197,7 @@ class FeatureCache:
         size = data_path.stat().st_size
         if size != meta.get("file_size"):
             raise _Damaged(f"{data_path}: truncated or altered ({size} bytes, expected {meta.get('file_size')})")
-        if _sha256_file(data_path) != meta.get("file_sha256"):
+        if sha256_file(data_path) != meta.get("file_sha256"):
             raise _Damaged(f"{data_path}: sha256 does not match the metadata")
         try:
             tensors = load_file(str(data_path))

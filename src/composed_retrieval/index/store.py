@@ -14,7 +14,6 @@ older generations are deleted once the new ``index.json`` is in place.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -25,19 +24,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write, atomic_write_json, read_json
+from ..fileio import atomic_write, atomic_write_json, read_json, sha256_file  # noqa: F401 (re-exported)
 
 FORMAT = "composed-retrieval-index/1"
 META = "index.json"
 PARTIAL = "partial"
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stored_path(path: str | Path, folder: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write, atomic_write_json, read_json
+from ..fileio import sha256_file, atomic_write, atomic_write_json, read_json
 from ..methods.base import CIRMethod
 
 WEIGHTS = "model.safetensors"
@@ -29,12 +28,6 @@ META = "checkpoint.json"
 STATE = "state.pt"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_method(method: CIRMethod, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -61,7 +54,7 @@ def save_method(method: CIRMethod, folder: str | Path, extra: dict[str, Any] | N
         "method_config": method.config,
         "stage": method.stage,
         "encoder_config": method.encoder.config,
-        "weights_sha256": _sha256(folder / WEIGHTS),
+        "weights_sha256": sha256_file(folder / WEIGHTS),
         "aliases": aliases,
         **(extra or {}),
     }
@@ -95,7 +88,7 @@ def load_weights(folder: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError("checkpoint weights file is missing", weights)
-    if verify and meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+    if verify and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
         raise CheckpointError("checkpoint weights do not match the hash in checkpoint.json "
                               "(truncated or modified)", weights)
     try:
