@@ -1,7 +1,7 @@
 """Run a method over a split: query and gallery vectors, then the split's own protocol."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -35,13 +35,19 @@ def split_vectors(method: CIRMethod, split: CIRSplit, table: FeatureTable, batch
 
 
 def evaluate_method(method: CIRMethod, splits: Sequence[CIRSplit], tables: Sequence[FeatureTable],
-                    batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Metrics in percent by each split's protocol; FashionIQ categories are summarised."""
+                    batch_size: int = 256, device: torch.device | str = "cpu",
+                    vectors: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
+    """Metrics in percent by each split's protocol; FashionIQ categories are summarised.
+
+    ``vectors(method, split, table, batch_size, device)`` makes the query and gallery vectors
+    (default :func:`split_vectors`; zero-shot evaluation passes its two-caption-order variant).
+    """
     from .protocols import evaluate_split, fashioniq_summary
 
+    vectors = vectors or split_vectors
     per = {}
     for split, table in zip(splits, tables):
-        q, g = split_vectors(method, split, table, batch_size, device)
+        q, g = vectors(method, split, table, batch_size, device)
         per[split.category or split.split] = evaluate_split(split, q, g)
     if splits and splits[0].protocol == "fashioniq":
         return fashioniq_summary(per, require_all=False)

@@ -50,14 +50,7 @@ def zeroshot_evaluate(method: CIRMethod, splits: Sequence[CIRSplit], tables: Seq
                       batch_size: int = 256, device: torch.device | str = "cpu",
                       both_orders: bool = True) -> dict[str, float]:
     """Metrics in percent by each split's protocol (FashionIQ categories summarised)."""
-    from ..evaluation.protocols import evaluate_split, fashioniq_summary
+    from ..evaluation.runner import evaluate_method
 
-    per = {}
-    for split, table in zip(splits, tables):
-        q, g = zeroshot_vectors(method, split, table, batch_size, device, both_orders)
-        per[split.category or split.split] = evaluate_split(split, q, g)
-    if splits and splits[0].protocol == "fashioniq":
-        return fashioniq_summary(per, require_all=False)
-    if len(per) == 1:
-        return next(iter(per.values()))
-    return {f"{name}_{k}": v for name, m in per.items() for k, v in m.items()}
+    return evaluate_method(method, splits, tables, batch_size, device,
+                           vectors=lambda m, s, t, b, d: zeroshot_vectors(m, s, t, b, d, both_orders))
