@@ -7,7 +7,6 @@ with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
