@@ -50,15 +50,21 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Read JSON, turning a missing file or a syntax error into a one-line DataError."""
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """A UTF-8 text file, or a one-line DataError for a missing or non-UTF-8 file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found", path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read JSON, turning a missing file or a syntax error into a one-line DataError."""
+    path = Path(path)
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -67,13 +73,8 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[Any]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found", path)
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+    lines = read_text(path, what).splitlines()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue

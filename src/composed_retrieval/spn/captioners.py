@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ..errors import ConfigError, DataError
-from ..fileio import read_json
+from ..fileio import read_json, read_text
 
 CAPTIONER_KINDS = ("scenes", "file:PATH", "model:PATH", "python:MODULE:FUNCTION")
 
@@ -110,10 +110,7 @@ def file_captioner(path: str | Path) -> TableCaptioner:
         else:
             raise DataError("caption file must hold {name: caption} or a list of {image, caption}", path)
     else:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise DataError(f"caption file is not UTF-8 text ({exc.reason})", path) from None
+        lines = read_text(path, "caption file").splitlines()
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
