@@ -52,16 +52,24 @@ def _data(out: Path, size: str, data_seed: int) -> Path:
     return root
 
 
-def _positives(root: Path, seed: int, window: str, device: str) -> str:
-    """The generated split for one seed (kept when it is already there)."""
+def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None) -> str:
+    """The generated split for one seed (kept when it is already there with the same settings)."""
     from composed_retrieval.cli import main
+    from composed_retrieval.spn.generate import parse_window
 
     split = f"spn{seed}"
     manifest = root / f"spn.{split}.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"):
-        main(["spn", "generate", "--dataset", "cirr", "--root", str(root), "--encoder", "tiny",
-              "--captioner", "scenes", "--window", window, "--out-split", split, "--seed", str(seed),
-              "--device", device, "--quiet"])
+    ranker = ["--model", str(Path(rank_model).resolve())] if rank_model else ["--encoder", "tiny"]
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        same = (m.get("status") == "complete" and tuple(m["options"]["window"] or ()) == tuple(parse_window(window) or ())
+                and m.get("ranked_by", {}).get("model") == (ranker[1] if rank_model else None)
+                and "texts_shortened_to_B" in m)
+        if same:
+            return split
+    main(["spn", "generate", "--dataset", "cirr", "--root", str(root), *ranker,
+          "--captioner", "scenes", "--window", window, "--out-split", split, "--seed", str(seed),
+          "--device", device, "--quiet"])
     return split
 
 
@@ -75,7 +83,7 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
     base.pop("notes", None)
     s1, s2 = STAGE_NAMES[method]
     stage2: dict[str, Any] = {"name": s2, "epochs": args.epochs2, "lr": args.lr2,
-                              "train_image_tower": False, "train_text_tower": False}
+                              "train_image_tower": False, "train_text_tower": args.text_tower}
     if variant in ("neg", "both"):
         stage2["spn_negatives"] = {"tau": args.tau, "k": args.k}
     base.update({
@@ -154,7 +162,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--tau", type=float, default=0.03)
     ap.add_argument("--k", type=int, default=None, help="sampled negatives (default: the whole bank)")
-    ap.add_argument("--window", default="20,100", help="partner rank window for the positives")
+    ap.add_argument("--window", default="7200,10800",
+                    help="partner rank window for the positives (default: SPN4CIR's CIRR window 10000-15000 of "
+                         "16,939 images, scaled to the 12,243 small training images)")
+    ap.add_argument("--rank-model", default=None,
+                    help="run whose image tower ranks the partners (default: --init-from; else a random tiny tower)")
+    ap.add_argument("--frozen-text", dest="text_tower", action="store_false",
+                    help="stage 2 trains only the method (default: the text tower too, as SPN4CIR's stage 2)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--parallel", type=int, default=1, help="training processes at once")
     ap.add_argument("--pick", default="best", choices=["best", "last"],
@@ -173,7 +187,9 @@ def main() -> int:
     root = _data(args.out, args.size, args.data_seed)
     n_train = len(json.loads((root / "captions" / "cap.rc2.train.json").read_text()))
     steps = math.ceil(n_train / args.batch_size)
-    spn_split = {s: _positives(root, s, args.window, args.device) for s in seeds if {"pos", "both"} & set(variants)}
+    rank_model = args.rank_model or args.init_from
+    spn_split = {s: _positives(root, s, args.window, args.device, rank_model)
+                 for s in seeds if {"pos", "both"} & set(variants)}
     prep = time.perf_counter() - t0
 
     jobs = {(m, v, s): _config(m, v, s, root, args, steps, spn_split.get(s, ""))
@@ -195,8 +211,9 @@ def main() -> int:
     run_seconds = [r["seconds"] for r in results.values() if not r.get("reused")]
     summary = (f"SPN on the synthetic benchmark ({args.size}, data seed {args.data_seed}), tiny encoder, seeds "
                f"{seeds}; stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 2 {args.epochs2} epochs (lr {args.lr2}), "
-               f"{steps} steps per epoch of batch {args.batch_size}; negatives tau {args.tau}, k {args.k}; "
-               f"positives window {args.window}. "
+               f"{steps} steps per epoch of batch {args.batch_size}; stage 2 text tower "
+               f"{'trains' if args.text_tower else 'frozen'}; negatives tau {args.tau}, k {args.k}; "
+               f"positives window {args.window} ranked by {rank_model or 'a random tiny tower'}. "
                f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
     cost = (f"data + positives {prep:.0f} s; {len(run_seconds)} runs trained, "
             f"{(statistics.mean(run_seconds) if run_seconds else 0):.0f} s per run on average "

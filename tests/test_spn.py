@@ -16,6 +16,7 @@ from composed_retrieval.data.cirr import load_cirr
 from composed_retrieval.data.fashioniq import load_fashioniq
 from composed_retrieval.encoders.base import Features
 from composed_retrieval.encoders.registry import build_encoder
+from composed_retrieval.encoders.tokenizer import split_words
 from composed_retrieval.errors import ConfigError
 from composed_retrieval.methods.registry import build_method
 from composed_retrieval.spn.bank import (NegativeBank, StaticNegatives, bank_loss, build_bank, read_options,
@@ -61,11 +62,20 @@ def test_generated_cirr_files_load_and_train(cirr_root: Path, tmp_path: Path, ca
     gen = load_cirr(cirr_root, "spn")
     scenes = json.loads((cirr_root / "scenes" / "train.json").read_text())
     assert len(gen.queries) == len(load_cirr(cirr_root, "train").all_image_names())   # one partner per image
+    manifest = json.loads((cirr_root / "spn.spn.json").read_text())
+    context = build_encoder("tiny").tokenizer.context_length
+    shortened = 0
     for q in gen.queries:
         a, b = scenes[q["reference"]]["caption"], scenes[q["target"]]["caption"]
-        assert q["caption"] in {TEMPLATES[0].format(A=a, B=b), TEMPLATES[1].format(A=a, B=b)}
+        assert q["caption"] in {TEMPLATES[0].format(A=a, B=b), TEMPLATES[1].format(A=a, B=b), b}
+        if q["caption"] == b:   # only a template text too long for the text tower falls back to "{B}"
+            shortened += 1
+            assert len(split_words(TEMPLATES[1].format(A=a, B=b))) + 2 > context
+        else:
+            assert len(split_words(q["caption"])) + 2 <= context
         assert q["target"] != q["reference"] and len(q["subset"]) == 5 and q["target"] in q["subset"]
         assert gen.image_path(q["target"]) == load_cirr(cirr_root, "train").image_path(q["target"])
+    assert manifest["texts_shortened_to_B"] == shortened < len(gen.queries)
     run = tmp_path / "run"
     cfg = _cfg(cirr_root, extra_train_splits=["spn"], stages=[
         {"name": "combiner", "epochs": 1, "lr": 1e-3, "spn_negatives": {"tau": 0.03, "k": 4}}])

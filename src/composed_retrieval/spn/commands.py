@@ -108,8 +108,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         feats = Features(cached.pooled.float().to(device), cached.tokens.float().to(device))
         return to_vectors(feats).float().cpu()
 
-    manifest = generate(opts, captioner, encode, progress=not args.quiet)
+    def fits(text: str) -> bool:
+        """The text tower's tokenizer pads a text that fits (PAD id 0 in the last position)."""
+        return int(encoder.tokenize([text])[0, -1]) == 0
+
+    manifest = generate(opts, captioner, encode, progress=not args.quiet, fits=fits)
     print(json.dumps({"out_split": args.out_split, "triplets": manifest["triplets"],
-                      "duplicates_removed": len(manifest["duplicates_removed"]), "files": manifest["files"],
+                      "duplicates_removed": len(manifest["duplicates_removed"]),
+                      "texts_shortened_to_B": manifest["texts_shortened_to_B"], "files": manifest["files"],
                       "seconds": round(time.perf_counter() - start, 2)}))
     return 0

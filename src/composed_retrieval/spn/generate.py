@@ -15,7 +15,9 @@ Scaling Positives and Negatives", arXiv 2404.11317; public code github.com/BUAAD
   references in the original triplets (SPN ``--refer``);
 * the modification text comes from the captions of A and B through SPN's templates
   ``"{B} instead of {A}"``, ``"Unlike {A}, I want {B}"``, ``"{B}"`` (``--p_list``; default
-  templates 0 and 1, FashionIQ runs use 2); one template is drawn per triplet;
+  templates 0 and 1, FashionIQ runs use 2); one template is drawn per triplet; a text that does
+  not fit the text tower's context falls back to ``"{B}"`` (SPN: ``clip.tokenize`` fails ->
+  ``caption2``), so a long "Unlike {A}, ..." never loses its {B} to truncation;
 * optionally ``max_triplets`` are kept at random (SPN ``--K``).
 
 Output (written atomically, next to the originals, read by the normal loaders unchanged):
@@ -182,11 +184,13 @@ def _embed(encode: Callable[[CIRSplit, list[str]], torch.Tensor], split: CIRSpli
 
 
 def generate(opts: SPNOptions, captioner: Captioner,
-             encode: Callable[[CIRSplit, list[str]], torch.Tensor], progress: bool = True) -> dict[str, Any]:
+             encode: Callable[[CIRSplit, list[str]], torch.Tensor], progress: bool = True,
+             fits: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Generate and write the extra training files; returns the manifest.
 
     ``encode(split, names) -> [N, d]`` gives image features for similarity ranks (the command
-    passes cached features of a trained run's or a plain encoder's image tower).
+    passes cached features of a trained run's or a plain encoder's image tower). ``fits(text)``
+    says whether a text fits the text tower's context (None: every text fits).
     """
     from ..data.registry import load_splits
 
@@ -244,10 +248,11 @@ def generate(opts: SPNOptions, captioner: Captioner,
     atomic_write_json(manifest_path, manifest)
 
     counts = {}
+    fallbacks = [0]
     for g in groups:
         used = sorted({n for p in g.pairs for n in p})
         caps = dict(zip(used, captioner.captions([g.unique[i] for i in used], g.split.image_path)))
-        texts = [_texts(opts, rng, caps[i], caps[j]) for i, j in g.pairs]
+        texts = [_texts(opts, rng, caps[i], caps[j], fits, fallbacks) for i, j in g.pairs]
         if opts.dataset == "cirr":
             _write_cirr(opts, g, texts, outputs[0])
         else:
@@ -257,18 +262,29 @@ def generate(opts: SPNOptions, captioner: Captioner,
             "triplets": len(g.pairs)}
     manifest.update({"status": "complete", "triplets": counts,
                      "total_triplets": sum(c["triplets"] for c in counts.values()),
+                     "texts_shortened_to_B": fallbacks[0],
                      "duplicates_removed": removed,
                      "files": sorted(str(p.relative_to(root)) for pair in outputs.values() for p in pair)})
     atomic_write_json(manifest_path, manifest)
     return manifest
 
 
-def _texts(opts: SPNOptions, rng: np.random.Generator, a: str, b: str) -> list[str]:
-    """One modification text (CIRR) or two (FashionIQ) from the allowed templates."""
+def _texts(opts: SPNOptions, rng: np.random.Generator, a: str, b: str,
+           fits: Callable[[str], bool] | None = None, fallbacks: list[int] | None = None) -> list[str]:
+    """One modification text (CIRR) or two (FashionIQ) from the allowed templates; a text too
+    long for the text tower becomes ``"{B}"`` (the target's caption), as in SPN."""
     allowed = list(opts.templates)
     n = 1 if opts.dataset == "cirr" else 2
     picks = rng.choice(allowed, size=n, replace=len(allowed) < n)
-    return [TEMPLATES[int(t)].format(A=a, B=b) for t in picks]
+    out = []
+    for t in picks:
+        text = TEMPLATES[int(t)].format(A=a, B=b)
+        if fits is not None and not fits(text):
+            text = TEMPLATES[2].format(A=a, B=b)
+            if fallbacks is not None:
+                fallbacks[0] += 1
+        out.append(text)
+    return out
 
 
 def _output_files(opts: SPNOptions, splits: list[CIRSplit]) -> dict[Any, tuple[Path, Path]]:
