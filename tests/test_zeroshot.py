@@ -115,6 +115,11 @@ def test_cam_mask_shape_range_and_region(which, request):
     assert torch.equal(masked[~region[:, None].expand_as(pixels)], pixels[~region[:, None].expand_as(pixels)])
     kept = apply_cam_mask(pixels, cam, 0.3, region="rest")
     assert torch.equal(kept[region[:, None].expand_as(pixels)], pixels[region[:, None].expand_as(pixels)])
+    # the paper's fill: the region takes the same pixels of the next image in the batch
+    swapped = apply_cam_mask(pixels, cam, 0.3, fill="batch")
+    inside = region[:, None].expand_as(pixels)
+    assert torch.equal(swapped[inside], pixels.roll(1, dims=0)[inside])
+    assert torch.equal(swapped[~inside], pixels[~inside])
     # the text decides the map: a different text feature gives a different map
     other = grad_cam(enc, pixels, -enc.encode_texts(["a circle", "a square"]).pooled.detach())
     assert not torch.allclose(other, cam)

@@ -117,9 +117,14 @@ def noun_cams(encoder: EncoderPair, pixels: torch.Tensor, nouns: Sequence[str], 
     return grad_cam(encoder, pixels, noun_text_features(encoder, nouns, prompt).to(pixels.device), weighting)
 
 
-def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "highlighted") -> torch.Tensor:
-    """Set to 0 (the normalisation mean) the pixels of the CAM region above ``tau``
-    (``region="highlighted"``), or everything but that region (``region="rest"``)."""
+def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "highlighted",
+                   fill: str = "mean") -> torch.Tensor:
+    """Replace the pixels of the CAM region above ``tau`` (``region="highlighted"``), or everything
+    but that region (``region="rest"``).
+
+    ``fill="mean"`` sets them to 0 (the normalisation mean colour); ``fill="batch"`` copies the
+    same positions from the next image of the batch (2406.18836 masks the region with patches
+    of other images in the batch, so the query image stays a natural-looking image)."""
     inside = cam > float(tau)
     if region == "highlighted":
         drop = inside
@@ -127,4 +132,9 @@ def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: 
         drop = ~inside
     else:
         raise ValueError(f"cam region must be 'highlighted' or 'rest', got {region!r}")
-    return pixels.masked_fill(drop[:, None].expand_as(pixels), 0.0)
+    drop = drop[:, None].expand_as(pixels)
+    if fill == "mean":
+        return pixels.masked_fill(drop, 0.0)
+    if fill == "batch":
+        return torch.where(drop, pixels.roll(1, dims=0), pixels)
+    raise ValueError(f"cam fill must be 'mean' or 'batch', got {fill!r}")

@@ -15,8 +15,10 @@ Objectives (weighted sum ``w_plain * plain + w_masked * masked``):
   (Pic2Word uses the frozen CLIP's, 100).
 * masked (arXiv 2406.18836, DESIGN section 3): per caption one noun is chosen;
   ``noun_mask`` replaces it by "$" (else the query text is ``prompt`` around the full caption);
-  ``cam_mask`` blanks the image region a Grad-CAM for that noun highlights above ``tau``
-  (methods/cam.py; ``cam_region="rest"`` keeps that region and blanks the rest instead);
+  ``cam_mask`` replaces the image region a Grad-CAM for that noun highlights above ``tau`` by
+  the same region of another image in the batch (``cam_fill="batch"``, as 2406.18836 does;
+  ``"mean"`` blanks it instead; methods/cam.py; ``cam_region="rest"`` keeps that region and
+  replaces the rest instead);
   the query text with phi(masked image) must match the *full* image (symmetric contrastive).
   Only the paper's abstract could be read here, so the paper's loss weights and its tau were
   not checked: the defaults (1, 1, 0.3) are ours.
@@ -49,7 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "noun_mask": False,
     "cam_mask": False,
     "tau": 0.3,
-    "cam_region": "highlighted",               # which side of the CAM threshold is blanked
+    "cam_region": "highlighted",               # which side of the CAM threshold is replaced
+    "cam_fill": "batch",                       # replaced by another batch image's pixels (or "mean")
     "cam_prompt": "a {noun}",
     "nouns": "pos",                            # 'synthetic' | 'pos' | list of words (data/nouns.py)
     "w_plain": 1.0,
@@ -108,6 +111,8 @@ class TextualInversion(CIRMethod):
             raise ConfigError("textual_inversion 'prompt' must contain one '$' and end with '{caption}'")
         if c["cam_region"] not in ("highlighted", "rest"):
             raise ConfigError("textual_inversion 'cam_region' must be 'highlighted' or 'rest'")
+        if c["cam_fill"] not in ("batch", "mean"):
+            raise ConfigError("textual_inversion 'cam_fill' must be 'batch' or 'mean'")
         if not 0.0 <= float(c["tau"]) < 1.0:
             raise ConfigError("textual_inversion 'tau' must be in [0, 1)")
         self.prompt_prefix = c["prompt"][: -len("{caption}")].strip()
@@ -205,7 +210,8 @@ class TextualInversion(CIRMethod):
                 raise ConfigError("cam_mask needs pixels, but the batch holds cached features")
             pix = x[idx]
             cam = noun_cams(self.encoder, pix, nouns, self.config["cam_prompt"])
-            pix = apply_cam_mask(pix, cam, float(self.config["tau"]), self.config["cam_region"])
+            pix = apply_cam_mask(pix, cam, float(self.config["tau"]), self.config["cam_region"],
+                                 self.config["cam_fill"])
             with torch.no_grad():
                 query_feats = self.encoder.encode_image(pix).detach()
         else:
