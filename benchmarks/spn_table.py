@@ -1,25 +1,26 @@
 """SPN on the synthetic benchmark: does scaling positives and negatives help each method?
 
 For Combiner, DRA and CaLa on the tiny encoder, four variants under the same budget (the same
-stages, epochs and optimizer steps per epoch), over several seeds:
+stages, epochs and optimizer steps per epoch), over several seeds. Every run has SPN's two
+stages: stage 1 is the method's own training on the real triplets for ``--epochs1`` epochs
+(the towers train; ``--freeze-image1`` keeps the image tower frozen), stage 2 freezes the image
+tower and trains the text tower and the method for ``--epochs2`` epochs (as SPN4CIR's second
+stage does; ``--frozen-text`` freezes the text tower too). Combiner: ``finetune`` +
+``combiner``; DRA: ``warmup`` + ``main``; CaLa: ``main`` + ``main``.
 
-* ``base``: stage 1 trains the towers (and the method) for ``--epochs1`` epochs; stage 2 trains
-  the method on the frozen image tower (cached features) for ``--epochs2`` epochs. Combiner:
-  ``finetune`` + ``combiner``; DRA: ``warmup`` + ``main``; CaLa: ``main`` + ``main``.
-* ``pos``: + generated positives (``cir spn generate`` with the benchmark's scene captions,
-  partners from the rank window ``--window`` of a random tiny image tower, one per image),
-  added to every stage with ``extra_train_splits``;
+* ``base``: stage 2 trains with the method's own loss on the real triplets;
+* ``pos``: + generated positives (``cir spn generate`` with the benchmark's scene captions, one
+  partner per image from the rank window ``--window`` of the ``--init-from`` run's image
+  tower) in stage 2 (``--positives-in all``: in both stages);
 * ``neg``: stage 2 trains against the static bank of every training image
   (``spn_negatives: {tau, k}``) instead of the method's own loss;
-* ``both``: the two together.
+* ``both``: the two together (SPN4CIR's recipe: positives and the bank in the second stage).
 
 Every epoch is capped at the base's steps per epoch (``max_steps_per_epoch``), so the extra
 triplets of ``pos`` change what a step sees, not how many steps there are. Each run keeps its
-best epoch by the validation headline; the table reports that epoch's val and heldout
+best stage-2 epoch by the validation headline; the table reports that epoch's val and heldout
 CIRR-style R@1, R@5 and Rsubset@1 (mean +- std over seeds); ``--pick last`` reports the last
-epoch instead (when stage 1 already holds the best epoch, best-epoch rows of ``base`` and
-``neg`` coincide, since they differ only in stage 2). Runs are resumable: a finished run
-folder is read back, not trained again.
+epoch instead. Runs are resumable: a finished run folder is read back, not trained again.
 
     python benchmarks/spn_table.py --size tiny --seeds 0 --epochs1 1 --epochs2 1      # smoke test
     python benchmarks/spn_table.py --device cuda --parallel 6                          # the table
@@ -86,13 +87,17 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
                               "train_image_tower": False, "train_text_tower": args.text_tower}
     if variant in ("neg", "both"):
         stage2["spn_negatives"] = {"tau": args.tau, "k": args.k}
+    stage1: dict[str, Any] = {"name": s1, "epochs": args.epochs1, "lr": args.lr1,
+                              "train_image_tower": not args.freeze_image1, "train_text_tower": True}
+    positives = [spn_split] if variant in ("pos", "both") else []
+    if args.positives_in == "stage2":     # SPN4CIR: stage 1 is the method's own run on the real triplets
+        stage1["extra_train_splits"], stage2["extra_train_splits"] = [], positives
     base.update({
         "root": str(root), "seed": seed, "device": args.device, "batch_size": args.batch_size,
         "max_steps_per_epoch": steps, "extra_eval_splits": ["heldout"],
         "cache_dir": str(args.out / ".feature_cache"),
-        "extra_train_splits": [spn_split] if variant in ("pos", "both") else [],
-        "stages": [{"name": s1, "epochs": args.epochs1, "lr": args.lr1, "train_image_tower": True,
-                    "train_text_tower": True}, stage2],
+        "extra_train_splits": positives if args.positives_in == "all" else [],
+        "stages": [stage1, stage2],
     })
     if args.init_from:
         from composed_retrieval.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
@@ -167,6 +172,11 @@ def main() -> int:
                          "16,939 images, scaled to the 12,243 small training images)")
     ap.add_argument("--rank-model", default=None,
                     help="run whose image tower ranks the partners (default: --init-from; else a random tiny tower)")
+    ap.add_argument("--freeze-image1", action="store_true",
+                    help="stage 1 keeps the image tower frozen too (cached features: fast on a CPU)")
+    ap.add_argument("--positives-in", default="stage2", choices=["stage2", "all"],
+                    help="stages that train on the generated positives (default stage2: SPN4CIR adds them "
+                         "to the second stage, after the method's own first stage on the real triplets)")
     ap.add_argument("--frozen-text", dest="text_tower", action="store_false",
                     help="stage 2 trains only the method (default: the text tower too, as SPN4CIR's stage 2)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -193,7 +203,7 @@ def main() -> int:
     prep = time.perf_counter() - t0
 
     jobs = {(m, v, s): _config(m, v, s, root, args, steps, spn_split.get(s, ""))
-            for m in methods for v in variants for s in seeds}
+            for s in seeds for m in methods for v in variants}   # seed by seed: a cut-off run leaves whole seeds
     threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     import multiprocessing as mp
@@ -212,7 +222,8 @@ def main() -> int:
     summary = (f"SPN on the synthetic benchmark ({args.size}, data seed {args.data_seed}), tiny encoder, seeds "
                f"{seeds}; stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 2 {args.epochs2} epochs (lr {args.lr2}), "
                f"{steps} steps per epoch of batch {args.batch_size}; stage 2 text tower "
-               f"{'trains' if args.text_tower else 'frozen'}; negatives tau {args.tau}, k {args.k}; "
+               f"{'trains' if args.text_tower else 'frozen'}; stage 1 image tower {'frozen' if args.freeze_image1 else 'trains'}; "
+               f"positives in {args.positives_in}; negatives tau {args.tau}, k {args.k}; "
                f"positives window {args.window} ranked by {rank_model or 'a random tiny tower'}. "
                f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
     cost = (f"data + positives {prep:.0f} s; {len(run_seconds)} runs trained, "

@@ -263,14 +263,22 @@ def spn_stage(trainer: Any, method: Any, stage: dict[str, Any], stage_index: int
     return StaticNegatives(bank.to(trainer.device), options)
 
 
+def stage_extras(cfg: dict[str, Any], stage: dict[str, Any] | None) -> list[str]:
+    """Generated splits a stage trains on: its own ``extra_train_splits`` when it names them
+    (SPN4CIR adds its positives only in the bank stage), else the run's."""
+    if stage is not None and "extra_train_splits" in stage:
+        return list(stage["extra_train_splits"] or [])
+    return list(cfg.get("extra_train_splits") or [])
+
+
 def training_splits(cfg: dict[str, Any], on_pairs: bool, base: list[Any],
-                    load: Callable[[str], list[Any]]) -> list[Any]:
-    """The loop's training splits: ``base`` plus ``extra_train_splits`` (generated positives);
+                    load: Callable[[str], list[Any]], stage: dict[str, Any] | None = None) -> list[Any]:
+    """The training splits of ``stage``: ``base`` plus its extra splits (generated positives);
     for a pairs method, triplets only when a stage trains against the bank."""
-    extras = list(cfg.get("extra_train_splits") or [])
+    extras = stage_extras(cfg, stage)
     if on_pairs:
         if not any(read_options(st) for st in cfg["stages"]):
-            if extras:
+            if extras or any(stage_extras(cfg, st) for st in cfg["stages"]):
                 raise ConfigError("extra_train_splits: a method that trains on image-caption pairs uses "
                                   "triplets only in a stage with spn_negatives")
             return []

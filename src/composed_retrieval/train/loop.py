@@ -155,7 +155,15 @@ class Trainer:
         # -- SPN hook (spn/bank.py): extra_train_splits (generated positives) join the training
         # -- splits; a pairs method gets triplets when one of its stages uses spn_negatives
         from ..spn.bank import spn_stage, training_splits
-        train_splits = training_splits(cfg, on_pairs, train_splits, lambda name: load_data(cfg, name, training=True))
+        base_splits, loaded = train_splits, {}
+
+        def load_once(name: str) -> list[Any]:
+            if name not in loaded:
+                loaded[name] = load_data(cfg, name, training=True)
+            return loaded[name]
+
+        for st in cfg["stages"]:   # every stage's files are checked before anything trains
+            training_splits(cfg, on_pairs, base_splits, load_once, st)
         self._spn = None
         # -- end SPN hook
         val_splits = load_data(cfg, cfg["val_split"], training=False)
@@ -172,6 +180,7 @@ class Trainer:
             if stage_index < start_stage:
                 continue
             self._apply_stage(method, stage)
+            train_splits = training_splits(cfg, on_pairs, base_splits, load_once, stage)  # SPN: per-stage positives
             params = method.trainable_parameters()
             if not params:
                 raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
