@@ -9,9 +9,10 @@ stage does; ``--frozen-text`` freezes the text tower too). Combiner: ``finetune`
 ``combiner``; DRA: ``warmup`` + ``main``; CaLa: ``main`` + ``main``.
 
 * ``base``: stage 2 trains with the method's own loss on the real triplets;
-* ``pos``: + generated positives (``cir spn generate`` with the benchmark's scene captions, one
-  partner per image from the rank window ``--window`` of the ``--init-from`` run's image
-  tower) in stage 2 (``--positives-in all``: in both stages);
+* ``pos``: + generated positives (``cir spn generate`` with the benchmark's scene captions,
+  partners from the rank window ``--window`` of the ``--init-from`` run's image tower, kept at
+  SPN4CIR's share of 0.6 generated per real triplet) in stage 2 (``--positives-in all``: in
+  both stages);
 * ``neg``: stage 2 trains against the static bank of every training image
   (``spn_negatives: {tau, k}``) instead of the method's own loss;
 * ``both``: the two together (SPN4CIR's recipe: positives and the bank in the second stage).
@@ -36,6 +37,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _orphans import die_with_parent  # noqa: E402
 from typing import Any
 
 METHODS = ("combiner", "dra", "cala")
@@ -53,7 +57,7 @@ def _data(out: Path, size: str, data_seed: int) -> Path:
     return root
 
 
-def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None) -> str:
+def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None, count: int) -> str:
     """The generated split for one seed (kept when it is already there with the same settings)."""
     from composed_retrieval.cli import main
     from composed_retrieval.spn.generate import parse_window
@@ -65,12 +69,12 @@ def _positives(root: Path, seed: int, window: str, device: str, rank_model: str 
         m = json.loads(manifest.read_text())
         same = (m.get("status") == "complete" and tuple(m["options"]["window"] or ()) == tuple(parse_window(window) or ())
                 and m.get("ranked_by", {}).get("model") == (ranker[1] if rank_model else None)
-                and "texts_shortened_to_B" in m)
+                and m["options"].get("max_triplets") == count and "texts_shortened_to_B" in m)
         if same:
             return split
     main(["spn", "generate", "--dataset", "cirr", "--root", str(root), *ranker,
           "--captioner", "scenes", "--window", window, "--out-split", split, "--seed", str(seed),
-          "--device", device, "--quiet"])
+          "--max-triplets", str(count), "--device", device, "--quiet"])
     return split
 
 
@@ -170,6 +174,9 @@ def main() -> int:
     ap.add_argument("--window", default="7200,10800",
                     help="partner rank window for the positives (default: SPN4CIR's CIRR window 10000-15000 of "
                          "16,939 images, scaled to the 12,243 small training images)")
+    ap.add_argument("--positives-per-real", type=float, default=0.6,
+                    help="generated triplets per real training triplet (default 0.6: SPN4CIR's one per CIRR "
+                         "training image, 16,939 images for 28,225 triplets)")
     ap.add_argument("--rank-model", default=None,
                     help="run whose image tower ranks the partners (default: --init-from; else a random tiny tower)")
     ap.add_argument("--freeze-image1", action="store_true",
@@ -198,7 +205,8 @@ def main() -> int:
     n_train = len(json.loads((root / "captions" / "cap.rc2.train.json").read_text()))
     steps = math.ceil(n_train / args.batch_size)
     rank_model = args.rank_model or args.init_from
-    spn_split = {s: _positives(root, s, args.window, args.device, rank_model)
+    n_positives = max(1, round(args.positives_per_real * n_train))
+    spn_split = {s: _positives(root, s, args.window, args.device, rank_model, n_positives)
                  for s in seeds if {"pos", "both"} & set(variants)}
     prep = time.perf_counter() - t0
 
@@ -207,7 +215,8 @@ def main() -> int:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     import multiprocessing as mp
-    with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=mp.get_context("spawn"),
+                             initializer=die_with_parent) as pool:
         futures = {pool.submit(_run, cfg, str(args.out / "runs" / f"{m}-{v}-seed{s}"), threads): (m, v, s)
                    for (m, v, s), cfg in jobs.items()}
         for fut in as_completed(futures):
@@ -223,7 +232,7 @@ def main() -> int:
                f"{seeds}; stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 2 {args.epochs2} epochs (lr {args.lr2}), "
                f"{steps} steps per epoch of batch {args.batch_size}; stage 2 text tower "
                f"{'trains' if args.text_tower else 'frozen'}; stage 1 image tower {'frozen' if args.freeze_image1 else 'trains'}; "
-               f"positives in {args.positives_in}; negatives tau {args.tau}, k {args.k}; "
+               f"{n_positives} positives in {args.positives_in}; negatives tau {args.tau}, k {args.k}; "
                f"positives window {args.window} ranked by {rank_model or 'a random tiny tower'}. "
                f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
     cost = (f"data + positives {prep:.0f} s; {len(run_seconds)} runs trained, "

@@ -15,6 +15,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _orphans import die_with_parent  # noqa: E402
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +94,8 @@ def run_experiments(experiments: dict[str, dict[str, Any]], args: argparse.Names
     if args.parallel > 1:
         # not a multiprocessing.Pool: its daemonic workers may not start DataLoader workers
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(args.parallel, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.parallel, mp_context=mp.get_context("spawn"),
+                                 initializer=die_with_parent) as pool:
             results = list(pool.map(_run_one, jobs))
     else:
         results = [_run_one(j) for j in jobs]
