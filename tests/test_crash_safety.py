@@ -126,15 +126,16 @@ def test_a_crash_between_the_folder_swap_renames_is_recovered(tmp_path, monkeypa
 
 
 # ---- SIGKILL at seeded random points ------------------------------------------------------------
-def _kill_when(proc: subprocess.Popen, ready, delay: float, limit: float = 120) -> bool:
-    """SIGKILL ``proc`` ``delay`` s after ``ready()`` holds; False if it finished first."""
+def _kill_when(proc: subprocess.Popen, ready, delay, limit: float = 120) -> bool:
+    """SIGKILL ``proc`` ``delay`` s (a number, or a function called once ``ready()`` holds)
+    after ``ready()`` holds; False if it finished first."""
     t_end = time.time() + limit
     while not ready():
         if proc.poll() is not None:
             return False
         assert time.time() < t_end, "the run never reached the kill point"
         time.sleep(0.02)
-    time.sleep(delay)
+    time.sleep(delay() if callable(delay) else delay)
     if proc.poll() is not None:
         return False
     os.kill(proc.pid, signal.SIGKILL)
@@ -154,6 +155,15 @@ def _epochs_saved(run: Path) -> int:
         return 0
 
 
+def _comparable_rows_seconds(run: Path) -> list[float]:
+    """Each finished epoch's own duration (metrics.jsonl ``seconds``)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [float(json.loads(l)["seconds"]) for l in lines if l.strip()]
+
+
 def _comparable_rows(run: Path) -> list[dict]:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -163,7 +173,7 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(synth_tiny, tmp_
     rng = random.Random(1234)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps({"method": "sum", "batch_size": 16, "seed": 0, "device": "cpu",
-                                    "stages": [{"name": "main", "epochs": 2, "lr": 1e-3,
+                                    "stages": [{"name": "main", "epochs": 3, "lr": 1e-3,
                                                 "train_image_tower": True, "train_text_tower": True}]}))
     argv = ["train", "--config", str(cfg_path), "--root", str(synth_tiny), "--quiet"]
     for s in SMALL:
@@ -171,10 +181,13 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(synth_tiny, tmp_
 
     killed_run = tmp_path / "killed"
     wait_epochs = 1                                  # the first checkpoint, then a random delay
-    delay = rng.uniform(0.0, 2.0)                    # lands in epoch 2's training, eval or checkpoint
+    fraction = rng.uniform(0.05, 0.95)               # of epoch 1's duration: lands inside epoch 2,
     proc = subprocess.Popen([sys.executable, "-m", "composed_retrieval", *argv, "--out", str(killed_run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
-    killed = _kill_when(proc, lambda: _epochs_saved(killed_run) >= wait_epochs, delay)
+    # however fast the machine (a fixed delay in seconds outlasted the whole run on an idle one)
+    killed = _kill_when(proc, lambda: _epochs_saved(killed_run) >= wait_epochs
+                        and len(_comparable_rows_seconds(killed_run)) >= wait_epochs,
+                        lambda: fraction * _comparable_rows_seconds(killed_run)[0])
 
     # the uninterrupted reference, in this process (same config the CLI builds)
     reference = tmp_path / "reference"
