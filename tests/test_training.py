@@ -165,3 +165,15 @@ def test_open_clip_backbones_train_and_evaluate(model: str, tmp_path: Path) -> N
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["steps"] == 2 and torch.isfinite(torch.tensor(rows[0]["loss"]))
     assert 0.0 <= result["val"]["recall@50"] <= 100.0
+
+
+@pytest.mark.parametrize("name,typo", [("combiner", "hiden_dim"), ("sum", "logit_sclae"), ("image_only", "dropout")])
+def test_unknown_method_options_are_one_line_errors(name, typo):
+    """A misspelled method_config key fails by name instead of silently training the default."""
+    from composed_retrieval.encoders.registry import build_encoder
+    from composed_retrieval.methods.registry import build_method
+
+    enc = build_encoder("tiny", embed_dim=32, image_width=16, text_width=32)
+    with pytest.raises(ConfigError, match=rf"method_config\.{typo}: unknown option for {name}"):
+        build_method(name, enc, {typo: 1})
+    build_method(name, enc, {"logit_scale": 50.0, "_comment": "keys starting with _ are comments"})

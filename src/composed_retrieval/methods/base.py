@@ -32,11 +32,20 @@ class CIRMethod(nn.Module):
     name: str = "base"
     #: training stages in order; the loop calls ``set_stage`` before each
     stages: tuple[str, ...] = ("main",)
+    #: ``method_config`` keys this method reads; None: the subclass checks its own (DRA, CaLa,
+    #: textual inversion). A typo must fail, not silently train the default.
+    options: frozenset[str] | None = None
 
     def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = dict(config or {})
+        if self.options is not None:
+            allowed = self.options | {"train_image_tower", "train_text_tower"}
+            unknown = sorted(k for k in self.config if not k.startswith("_") and k not in allowed)
+            if unknown:
+                raise ConfigError(f"method_config.{unknown[0]}: unknown option for {self.name}; expected one of "
+                                  f"{', '.join(sorted(allowed))}")
         self.stage = self.stages[0]
         self.train_image_tower = bool(self.config.get("train_image_tower", False))
         self.train_text_tower = bool(self.config.get("train_text_tower", False))

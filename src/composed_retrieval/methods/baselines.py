@@ -18,6 +18,8 @@ from .registry import register_method
 class _Fixed(CIRMethod):
     """Shared training objective: the composed query classifies its target within the batch."""
 
+    options = frozenset({"logit_scale"})
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         query = self.query_from_batch(batch)
         target = self.gallery_embedding(self.image_features(batch["target"]))

@@ -61,6 +61,7 @@ class Combiner(CIRMethod):
     towers are already adapted (``init_from`` a stage-1 run)."""
 
     stages = ("finetune", "combiner")
+    options = frozenset({"projection_dim", "hidden_dim", "dropout", "logit_scale"})
 
     def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
         super().__init__(encoder, config)
