@@ -237,3 +237,38 @@ def test_sigkilled_index_build_resumes_to_the_uninterrupted_index(tmp_path):
     assert a.names == b.names and [it["sha256"] for it in a.items] == [it["sha256"] for it in b.items]
     np.testing.assert_allclose(a.vectors, b.vectors, rtol=0, atol=1e-6)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rerun_after_a_kill_between_index_write_and_cleanup(tmp_path, monkeypatch):
+    """Killed after the index is written but before partial/ is cleared: the same command
+    again finishes (clears the leftovers, reports the index) instead of refusing; leftovers
+    holding images the index lacks (an interrupted --add) are kept and the rerun still refuses."""
+    from composed_retrieval.errors import ConfigError
+    from composed_retrieval.index.store import PartialBuild
+
+    gallery = tmp_path / "gallery"
+    make_gallery(gallery, n=12)
+    model, method = saved_model(tmp_path / "model")
+    out = tmp_path / "idx"
+    kw = dict(method=method, batch_size=4, chunk_size=4, progress=False, num_workers=0, log=lambda s: None)
+
+    def killed(self):
+        raise KeyboardInterrupt("killed before partial/ was cleared")
+
+    monkeypatch.setattr(PartialBuild, "clear", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(out, gallery, model, **kw)
+    monkeypatch.undo()
+    assert PartialBuild(out).chunks()
+    before = read_index(out)
+    report = build_index(out, gallery, model, **kw)
+    assert not (out / "partial").exists()
+    assert report.count == len(before.names) == 12 and report.embedded == 0
+    assert np.array_equal(read_index(out).vectors, before.vectors)
+
+    leftover = PartialBuild(out)
+    leftover.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve())})
+    leftover.write_chunk(np.zeros((1, before.vectors.shape[1]), np.float32), ["new.png"], ["0" * 64], [])
+    with pytest.raises(ConfigError, match="already holds an index"):
+        build_index(out, gallery, model, **kw)
+    assert leftover.chunks()

@@ -83,6 +83,25 @@ def _shard(files: dict[str, Path], ranks: distributed.DistInfo) -> dict[str, Pat
     return {n: files[n] for n in names[lo:hi]}
 
 
+def _finished_build(out: Path, start: float) -> BuildReport | None:
+    """A build killed after writing its index but before clearing ``partial/`` is complete: a
+    rerun of the same command clears the leftovers and reports the index instead of refusing.
+    Leftovers that hold anything the index lacks (an interrupted ``--add``) are not touched."""
+    partial = PartialBuild(out)
+    if not partial.folder.is_dir():
+        return None
+    old = read_index(out)
+    done_vectors, done_errors = partial.load()
+    indexed = {it["name"]: it["sha256"] for it in old.items}
+    skipped = {s["name"]: s["error"] for s in old.meta.get("skipped") or []}
+    if any(indexed.get(n) != h for n, (h, _) in done_vectors.items()) or any(n not in skipped for n in done_errors):
+        return None
+    partial.clear()
+    return BuildReport(folder=out, count=len(old.names), embedded=0, reused=len(old.names), kind=old.kind,
+                       skipped=sorted(skipped.items()), removed=[], changed=[],
+                       recall_at_10=old.meta.get("recall_at_10"), seconds=time.perf_counter() - start)
+
+
 def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple[str, np.ndarray]]
                   ) -> tuple[dict[str, str], list[tuple[str, str]], list[str], dict[str, np.ndarray], set[str]]:
     """Rank 0: every shard's hashes, skips and changes, and the vectors the shards embedded
@@ -134,6 +153,9 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     old = None
     if index_exists(out):
         if not add:
+            finished = _finished_build(out, start)
+            if finished is not None:
+                return finished
             raise ConfigError(f"{out} already holds an index; pass --add to add new or changed "
                               f"images to it, or choose another --out")
         old = read_index(out)
