@@ -378,3 +378,21 @@ def test_cli_batch_reports_the_bad_query_line(tmp_path, capsys):
         main(["search", "--index", str(tmp_path / "idx"), "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")])
     assert "query 2 must be an object with string fields 'image' and 'text'" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_replaced_faiss_file_is_refused_by_its_hash(tmp_path):
+    """Another build's engine with the same vector count passes the count check; the sha256
+    recorded in index.json catches it."""
+    from composed_retrieval.errors import CheckpointError
+
+    gallery = tmp_path / "gallery"
+    make_gallery(gallery, n=12)
+    for seed in (0, 1):
+        model, _ = saved_model(tmp_path / f"model{seed}", seed=seed)
+        build_index(tmp_path / f"idx{seed}", gallery, model, kind="hnsw", **_quiet())
+    ours, other = read_index(tmp_path / "idx0"), read_index(tmp_path / "idx1")
+    assert len(ours.meta["engine_sha256"]) == 64
+    Searcher.open(tmp_path / "idx0")                     # intact: opens
+    ours.engine_path.write_bytes(other.engine_path.read_bytes())
+    with pytest.raises(CheckpointError, match="sha256"):
+        Searcher.open(tmp_path / "idx0")

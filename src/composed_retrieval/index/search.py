@@ -64,6 +64,10 @@ class GalleryIndex:
         if data.kind == "flat" or data.engine_path is None:
             self.engine = faiss_index.build_engine(data.vectors, "flat")
         else:
+            expected = data.meta.get("engine_sha256")
+            if expected is not None and data.engine_path.is_file() and sha256_file(data.engine_path) != expected:
+                raise CheckpointError("FAISS index file does not match the sha256 recorded in index.json "
+                                      "(replaced or corrupted); rebuild the index", data.engine_path)
             self.engine = faiss_index.load_engine(data.engine_path)
             if self.engine.ntotal != len(self.names):
                 raise CheckpointError(f"FAISS index holds {self.engine.ntotal} vectors, the index "

@@ -137,16 +137,18 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: list[dict[str, s
 
     atomic_write(folder / files["vectors"], save_npy)
     atomic_write_json(folder / files["items"], items, indent=None)
+    hashes = {}
     if engine_writer is not None:
         files["engine"] = f"engine-{gen}.faiss"
         engine_writer(folder / files["engine"])
+        hashes["engine_sha256"] = sha256_file(folder / files["engine"])   # checked when searching
     old = set()
     if index_exists(folder):
         try:
             old = set((read_json(folder / META).get("files") or {}).values())
         except Exception:  # an unreadable old index has nothing worth keeping
             old = set()
-    full = {"format": FORMAT, **meta, "count": int(vectors.shape[0]),
+    full = {"format": FORMAT, **meta, **hashes, "count": int(vectors.shape[0]),
             "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "files": files}
     atomic_write_json(folder / META, full)
     for name in old - set(files.values()):
