@@ -434,3 +434,37 @@ def test_both_run_on_the_tiny_encoder():
         with torch.no_grad():
             q = method.eval().compose(encoder.encode_image(batch["reference"]), encoder.encode_text(batch["text"]))
         assert q.shape == (3, 32)
+
+
+def test_cala_paper_optimizer_twice_the_lr_and_cosine_on_the_text_tower_only():
+    """CaLa's public recipe as config: TAC and HCA at 2x lr, the base group (text tower) on a
+    per-epoch cosine (cosine_lr_schedule, onlyGroup0), the module groups constant."""
+    import importlib.resources as res
+    import json
+    import math
+
+    from composed_retrieval.encoders.registry import build_encoder
+
+    from composed_retrieval.config import load_config
+    from composed_retrieval.train.optim import build_optimizer, set_epoch_lr
+
+    cfg = json.loads(res.files("composed_retrieval").joinpath("configs", "cala_paper.json").read_text())
+    stage = cfg["stages"][0]
+    method = build_method("cala", build_encoder("tiny", embed_dim=32, image_width=16, text_width=32),
+                          {k: v for k, v in cfg["method_config"].items() if k not in ("tac_layers",)})
+    method.train_text_tower = True
+    opt = build_optimizer(method, method.trainable_parameters(), stage, 0.05)
+    by_module = {g["module"]: g for g in opt.param_groups}
+    assert set(by_module) == {"base", "tac", "hca"}
+    assert by_module["tac"]["lr"] == by_module["hca"]["lr"] == 2 * stage["lr"] == 2 * by_module["base"]["lr"]
+    text_ids = {id(p) for p in method.encoder.text_parameters()}
+    assert text_ids <= {id(p) for p in by_module["base"]["params"]}
+    for epoch in (0, 5, 15):
+        lr = set_epoch_lr(opt, stage, epoch)
+        assert lr == pytest.approx(stage["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / 15)))
+        assert by_module["tac"]["lr"] == by_module["hca"]["lr"] == 2 * stage["lr"]
+    assert set_epoch_lr(opt, stage, 15) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="lr_mult names 'tca'"):
+        build_optimizer(method, method.trainable_parameters(), {**stage, "lr_mult": {"tca": 2.0}}, 0.0)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.schedule"):
+        load_config(None, [], {"method": "cala", "stages": [{"name": "main", "schedule": {"name": "step"}}]})

@@ -167,6 +167,8 @@ def _check_types(cfg: dict[str, Any]) -> None:
                                                and all(isinstance(v, str) for v in st["extra_train_splits"])):
             raise ConfigError(f"config field stages[{i}].extra_train_splits must be a list of split names, "
                               f"found {json.dumps(st['extra_train_splits'], default=str)[:80]}")
+        from .train.optim import check_stage_options
+        check_stage_options(st, f"stages[{i}]")
         for key in ("lr", "weight_decay"):
             if key in st and (not isinstance(st[key], _NUM) or isinstance(st[key], bool) or st[key] < 0):
                 raise ConfigError(f"config field stages[{i}].{key} must be a non-negative number, "

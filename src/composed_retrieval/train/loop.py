@@ -24,6 +24,7 @@ from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..methods.base import CIRMethod
 from . import checkpoint as ckpt
 from . import distributed
+from .optim import build_optimizer, set_epoch_lr
 from .sources import FeatureTable, PixelSource, encode_with
 
 
@@ -184,8 +185,8 @@ class Trainer:
             params = method.trainable_parameters()
             if not params:
                 raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
-            optimizer = torch.optim.AdamW(params, lr=float(stage.get("lr", 1e-4)),
-                                          weight_decay=float(stage.get("weight_decay", cfg["weight_decay"])))
+            optimizer = build_optimizer(method, params, stage,
+                                        float(stage.get("weight_decay", cfg["weight_decay"])))
             first_epoch = start_epoch if stage_index == start_stage else 0
             if state is not None and stage_index == start_stage and state.get("optimizer") and first_epoch > 0:
                 optimizer.load_state_dict(state["optimizer"])
@@ -226,6 +227,7 @@ class Trainer:
                 else:
                     loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
                                         generator=gen, collate_fn=collate_triplets, num_workers=0)
+                epoch_lr = set_epoch_lr(optimizer, stage, epoch)
                 losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
                 if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
                     losses = distributed.average(losses)
@@ -235,7 +237,8 @@ class Trainer:
                         continue
                 val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
                                       cfg["eval_batch_size"], self.device)
-                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index, **losses,
+                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index,
+                                          "lr": epoch_lr, **losses,
                                           "val": val, "headline": headline(val_splits[0].protocol, val)}
                 for name, splits in extra.items():
                     record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
