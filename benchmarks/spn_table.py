@@ -37,10 +37,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _orphans import die_with_parent  # noqa: E402
-from typing import Any
 
 METHODS = ("combiner", "dra", "cala")
 VARIANTS = ("base", "pos", "neg", "both")

@@ -22,13 +22,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent / "badinput"))
 from make_corpus import BAD_IMAGES, ODD_IMAGES, bomb_png, png_bytes, write_corpus  # noqa: E402
 
-from composed_retrieval.cli import main  # noqa: E402
 from composed_retrieval.config import load_config  # noqa: E402
 from composed_retrieval.data.cirr import load_cirr  # noqa: E402
 from composed_retrieval.data.fashioniq import load_fashioniq  # noqa: E402
 from composed_retrieval.data.images import load_image  # noqa: E402
 from composed_retrieval.data.userdata import load_user  # noqa: E402
 from composed_retrieval.errors import CIRError, DataError  # noqa: E402
+from cli_run import run_main  # noqa: E402
 from fixtures_data import write_cirr_fixture, write_fashioniq_fixture, write_user_fixture  # noqa: E402
 from test_index import make_gallery, saved_model  # noqa: E402
 
@@ -234,15 +234,6 @@ CONFIG_CASES = {
     "num_workers_negative": (json.dumps({"num_workers": -1}), r"'num_workers' must be a non-negative integer"),
     "amp_string": (json.dumps({"amp": "yes"}), r"'amp' must be true or false"),
 }
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))

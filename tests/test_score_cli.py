@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from composed_retrieval.cli import main
+from cli_run import run_main
 
 VENV_CIR = Path(sys.executable).parent / "cir"
 N = [f"dev-{i}-img0" for i in range(8)]
@@ -47,18 +47,9 @@ CIRR_EXPECTED = {"recall@1": 50.0, "recall@5": 50.0, "recall@10": 100.0, "recall
                  "avg": 50.0}
 
 
-def _run(capsys, argv) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_score_cirr(cirr, capsys):
     root, r, s = cirr
-    code, out, _ = _run(capsys, ["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r),
+    code, out, _ = run_main(capsys=capsys, argv=["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r),
                                  "--subset-predictions", str(s)])
     assert code == 0
     metrics = json.loads(out)
@@ -69,7 +60,7 @@ def test_score_cirr(cirr, capsys):
 
 def test_score_cirr_requires_subset_file(cirr, capsys):
     root, r, _ = cirr
-    code, _, err = _run(capsys, ["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r)])
+    code, _, err = run_main(capsys=capsys, argv=["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r)])
     assert code == 2 and err.startswith("error: ") and "recall_subset" in err and err.count("\n") == 1
 
 
@@ -78,7 +69,7 @@ def test_score_missing_query_names_it(cirr, capsys, tmp_path):
     obj = json.loads(r.read_text())
     del obj["2"]
     _write(r, obj)
-    code, _, err = _run(capsys, ["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r),
+    code, _, err = run_main(capsys=capsys, argv=["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(r),
                                  "--subset-predictions", str(s)])
     assert code == 2 and "1 query id(s) missing (first: 2)" in err and err.count("\n") == 1
 
@@ -92,7 +83,7 @@ def test_score_bad_prediction_files(cirr, capsys, tmp_path, content, needle):
     root, _, s = cirr
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    code, out, err = _run(capsys, ["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(bad),
+    code, out, err = run_main(capsys=capsys, argv=["score", "--dataset", "cirr", "--root", str(root), "--predictions", str(bad),
                                    "--subset-predictions", str(s)])
     assert code == 2 and out == "" and needle in err and str(bad) in err and err.count("\n") == 1
 
@@ -100,13 +91,13 @@ def test_score_bad_prediction_files(cirr, capsys, tmp_path, content, needle):
 def test_validate_submission_cirr(cirr, capsys):
     root, r, s = cirr
     # val is the only split on disk, so it is picked without --split; files in any order
-    code, out, _ = _run(capsys, ["validate-submission", "--dataset", "cirr", "--root", str(root), str(s), str(r)])
+    code, out, _ = run_main(capsys=capsys, argv=["validate-submission", "--dataset", "cirr", "--root", str(root), str(s), str(r)])
     assert code == 0 and out.startswith("OK: ") and "cirr val" in out
     obj = json.loads(r.read_text())
     obj["1"] = obj["1"][:5] + [obj["1"][0]]
     obj["3"] = obj["2"]
     _write(r, obj)
-    code, out, _ = _run(capsys, ["validate-submission", "--dataset", "cirr", "--root", str(root), "--split", "val",
+    code, out, _ = run_main(capsys=capsys, argv=["validate-submission", "--dataset", "cirr", "--root", str(root), "--split", "val",
                                  str(r), str(s)])
     lines = out.strip().splitlines()
     assert code == 2
@@ -123,7 +114,7 @@ def test_validate_submission_picks_split_by_ids(cirr, capsys):
     entry = _cirr_entry(50, N[0], N[1], N[0:6])
     del entry["target_hard"]
     _write(root / "captions" / "cap.rc2.test1.json", [entry])
-    code, out, _ = _run(capsys, ["validate-submission", "--dataset", "cirr", "--root", str(root), str(r), str(s)])
+    code, out, _ = run_main(capsys=capsys, argv=["validate-submission", "--dataset", "cirr", "--root", str(root), str(r), str(s)])
     assert code == 0 and "cirr val" in out
 
 
@@ -149,7 +140,7 @@ def fashioniq(tmp_path):
 
 def test_score_fashioniq(fashioniq, capsys):
     root, p = fashioniq
-    code, out, _ = _run(capsys, ["score", "--dataset", "fashioniq", "--root", str(root), "--predictions", str(p)])
+    code, out, _ = run_main(capsys=capsys, argv=["score", "--dataset", "fashioniq", "--root", str(root), "--predictions", str(p)])
     assert code == 0
     metrics = json.loads(out)
     expected = {"dress_recall@10": 50.0, "dress_recall@50": 100.0, "shirt_recall@10": 0.0, "shirt_recall@50": 100.0,
@@ -162,7 +153,7 @@ def test_score_fashioniq_missing_category(fashioniq, capsys):
     root, p = fashioniq
     obj = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("toptee/")}
     _write(p, obj)
-    code, _, err = _run(capsys, ["score", "--dataset", "fashioniq", "--root", str(root), "--predictions", str(p)])
+    code, _, err = run_main(capsys=capsys, argv=["score", "--dataset", "fashioniq", "--root", str(root), "--predictions", str(p)])
     assert code == 2 and "missing (first: toptee/0)" in err and err.count("\n") == 1
 
 
@@ -186,7 +177,7 @@ def circo(tmp_path):
 
 def test_score_circo(circo, capsys):
     root, p = circo
-    code, out, _ = _run(capsys, ["score", "--dataset", "circo", "--root", str(root), "--predictions", str(p),
+    code, out, _ = run_main(capsys=capsys, argv=["score", "--dataset", "circo", "--root", str(root), "--predictions", str(p),
                                  "--circo-shared-concept"])
     assert code == 0
     metrics = json.loads(out)
@@ -199,12 +190,12 @@ def test_score_circo(circo, capsys):
 
 def test_validate_submission_circo(circo, capsys):
     root, p = circo
-    code, out, _ = _run(capsys, ["validate-submission", "--dataset", "circo", "--root", str(root), str(p)])
+    code, out, _ = run_main(capsys=capsys, argv=["validate-submission", "--dataset", "circo", "--root", str(root), str(p)])
     assert code == 0 and out.startswith("OK: ")
     obj = json.loads(p.read_text())
     obj["0"] = obj["0"][:49] + [obj["0"][0]]
     _write(p, obj)
-    code, out, _ = _run(capsys, ["validate-submission", "--dataset", "circo", "--root", str(root), str(p)])
+    code, out, _ = run_main(capsys=capsys, argv=["validate-submission", "--dataset", "circo", "--root", str(root), str(p)])
     assert code == 2 and "circo query 0: duplicate entries 11" in out
 
 

@@ -242,8 +242,6 @@ def test_pretrain_checkpoint_loads_as_encoder_weights(synth, tmp_path):
 def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
     """phi on a CIRCO-format folder (annotations + COCO unlabeled ids): every query is scored
     with mAP@K; with 6 gallery images both ground truths of a query lie in the top 50."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
     from fixtures_data import write_circo_fixture
 
     from composed_retrieval.cli import main

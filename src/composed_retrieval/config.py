@@ -162,12 +162,13 @@ def _check_types(cfg: dict[str, Any]) -> None:
             bad = not all(isinstance(v, str) for v in value)
         if bad:
             raise ConfigError(f"config field '{key}' must be {wanted}, found {json.dumps(value, default=str)[:80]}")
+    from .train.optim import check_stage_options
+
     for i, st in enumerate(cfg["stages"]):
         if "extra_train_splits" in st and not (isinstance(st["extra_train_splits"], list)
                                                and all(isinstance(v, str) for v in st["extra_train_splits"])):
             raise ConfigError(f"config field stages[{i}].extra_train_splits must be a list of split names, "
                               f"found {json.dumps(st['extra_train_splits'], default=str)[:80]}")
-        from .train.optim import check_stage_options
         check_stage_options(st, f"stages[{i}]")
         for key in ("lr", "weight_decay"):
             if key in st and (not isinstance(st[key], _NUM) or isinstance(st[key], bool) or st[key] < 0):
