@@ -83,6 +83,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
+        self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -244,6 +245,7 @@ class Trainer:
                     record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
                                                    cfg["eval_batch_size"], self.device)
                 record["seconds"] = round(time.time() - t0, 2)
+                record["speed"] = self.last_speed   # train_seconds, steps_per_s, samples_per_s
                 global_epoch += 1
                 improved = record["headline"] > best
                 history.append(record)
@@ -310,10 +312,13 @@ class Trainer:
         method.train()
         if method.image_tower_frozen:
             method.encoder.eval()  # no dropout/batch-norm updates in a frozen tower
-        sums: dict[str, float] = {}
-        steps = 0
+        sums: dict[str, torch.Tensor] = {}   # on the device: no sync per step (the GPU runs ahead)
+        steps = samples = 0
         max_steps = self.cfg.get("max_steps_per_epoch")
-        bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress, leave=False)
+        log_every = max(1, int(self.cfg.get("log_every", 20)))
+        bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress,
+                   leave=False, unit="step")
+        start = time.perf_counter()
         for batch in bar:
             batch = self._to_device(method, batch)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), distributed.global_batch(self.ddp is not None):
@@ -324,13 +329,22 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), float(self.cfg["grad_clip"]))
             optimizer.step()
             steps += 1
+            samples += len(batch["caption"])
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if steps % max(1, int(self.cfg.get("log_every", 20))) == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            if steps % log_every == 0:
+                rate = steps / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", **{"samples/s": f"{rate * samples / steps:.1f}"})
             if max_steps and steps >= int(max_steps):
                 break
-        return {k: round(v / max(steps, 1), 6) for k, v in sums.items()} | {"steps": steps}
+        means = {k: round(float(v) / max(steps, 1), 6) for k, v in sums.items()}
+        seconds = time.perf_counter() - start
+        # throughput of whole steps (data loading included), this process: a slow data path
+        # shows here; kept apart from the losses (timings differ between identical runs)
+        self.last_speed = {"train_seconds": round(seconds, 3), "steps_per_s": round(steps / max(seconds, 1e-9), 4),
+                           "samples_per_s": round(samples / max(seconds, 1e-9), 2)}
+        return means | {"steps": steps}
 
     def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
