@@ -71,6 +71,10 @@ def load_data(cfg: dict[str, Any], split: str, training: bool) -> list[CIRSplit]
     return load_splits(cfg["dataset"], cfg["root"], split, image_root=cfg.get("image_root"), **options)
 
 
+#: seconds between redraws of curves.png during a run (it is always drawn at the end)
+CURVES_EVERY_S = 60.0
+
+
 class Trainer:
     """Owns one run folder: config.json, metrics.jsonl, curves.png, best/, last/."""
 
@@ -84,6 +88,7 @@ class Trainer:
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
         self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
+        self._curves_at = -math.inf                            # when curves.png was last drawn
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -318,6 +323,8 @@ class Trainer:
         log_every = max(1, int(self.cfg.get("log_every", 20)))
         bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress,
                    leave=False, unit="step")
+        clip = float(self.cfg["grad_clip"]) if self.cfg.get("grad_clip") else None
+        clip_params = method.trainable_parameters() if clip else []   # once per epoch, not per step
         start = time.perf_counter()
         for batch in bar:
             batch = self._to_device(method, batch)
@@ -325,8 +332,8 @@ class Trainer:
                 out = (self.ddp if self.ddp is not None else method)(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            if self.cfg.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), float(self.cfg["grad_clip"]))
+            if clip:
+                torch.nn.utils.clip_grad_norm_(clip_params, clip)
             optimizer.step()
             steps += 1
             samples += len(batch["caption"])
@@ -355,8 +362,15 @@ class Trainer:
         return out
 
     # ---- outputs --------------------------------------------------------------------------
-    def _write_history(self, history: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    def _write_history(self, history: list[dict[str, Any]], final: bool = False) -> None:
+        """metrics.jsonl every epoch; curves.png at most every CURVES_EVERY_S seconds and at the
+        end (drawing takes ~1 s, which short epochs would otherwise spend on a picture)."""
+        if history:
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        now = time.monotonic()
+        if not history or (not final and now - self._curves_at < CURVES_EVERY_S):
+            return
+        self._curves_at = now
         try:
             plot_curves(history, self.run_dir / "curves.png")
         except Exception as exc:  # a plot must never stop training
@@ -365,6 +379,7 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
             return {}
+        self._write_history(history, final=True)
         last_stage = max(r.get("stage_index", 0) for r in history)
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
@@ -388,14 +403,16 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # the object API with the Agg canvas: no pyplot (its import alone costs seconds), no global state
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ..fileio import atomic_write
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["loss"] for r in history], marker="o")
     ax1.set_xlabel("epoch"); ax1.set_ylabel("training loss"); ax1.grid(alpha=.3)
     keys = [k for k in ("recall@1", "recall@5", "recall_subset@1", "avg", "avg_recall@10", "map@10") if k in history[0]["val"]]
@@ -408,4 +425,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
                 ax.axvline(r["epoch"] - 0.5, color="grey", ls="--", lw=.8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
