@@ -42,12 +42,13 @@ def main() -> None:
     rows["perfect CAM (object mask)"] = masking_report(random_tower, scenes, taus, cam=scenes.objects.float())
 
     print(json.dumps({"n": args.n, "seed": args.seed, "rows": rows}, indent=1))
-    print("\n| CAM | tau | IoU with the noun's object | object kept, unrelated part masked (default) "
-          "| object kept, noun region masked | CAM region area | object area |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nweighting {args.weighting}, {args.n} scenes, seed {args.seed}")
+    print("| CAM | tau | IoU with the noun's object | IoU with any object | object kept, unrelated part masked "
+          "(default) | object kept, noun region masked | CAM region area | object area |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, by_tau in rows.items():
         for tau, r in by_tau.items():
-            print(f"| {name} | {tau} | {r['iou']:.3f} | {100 * r['survival_unrelated']:.1f} % "
+            print(f"| {name} | {tau} | {r['iou']:.3f} | {r['iou_any_object']:.3f} | {100 * r['survival_unrelated']:.1f} % "
                   f"| {100 * r['survival_noun']:.1f} % | {100 * r['region_area']:.1f} % "
                   f"| {100 * r['object_area']:.1f} % |")
 

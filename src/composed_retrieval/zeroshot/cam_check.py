@@ -6,7 +6,8 @@ masked objective picks it (a shape word, ``data.nouns``), its object is the unio
 objects of that shape, and the CAM region is the CAM above ``tau`` (``methods.cam``). Reported
 per tau, as means over scenes:
 
-* ``iou``: IoU of the CAM region with the noun's object;
+* ``iou``: IoU of the CAM region with the noun's object (``iou_any_object``: with all objects,
+  which tells a CAM on the wrong object from one on the background);
 * ``survival_unrelated`` / ``survival_noun``: the fraction of the object's pixels the masked
   query image still shows, when the part unrelated to the noun is masked (the default,
   complementary pairing) and when the noun's region is masked. Both come from the real
@@ -33,6 +34,7 @@ class SceneBatch:
     masked_captions: list[str]
     nouns: list[str]
     objects: torch.Tensor         # [N, S, S] bool: the noun's object pixels
+    any_object: torch.Tensor      # [N, S, S] bool: every object's pixels (is the CAM on objects at all?)
 
 
 def synthetic_scenes(encoder: Any, n: int, seed: int = 0, min_cover: float = 0.5) -> SceneBatch:
@@ -45,7 +47,7 @@ def synthetic_scenes(encoder: Any, n: int, seed: int = 0, min_cover: float = 0.5
     find = noun_finder("synthetic")
     transform = encoder.image_transform("targetpad")
     size = int(encoder.image_size)
-    pixels, caps, masked, nouns, objects = [], [], [], [], []
+    pixels, caps, masked, nouns, objects, every = [], [], [], [], [], []
     for _ in range(n):
         scene = sample_scene(rng, frozenset())
         masks: list[np.ndarray] = []
@@ -54,7 +56,9 @@ def synthetic_scenes(encoder: Any, n: int, seed: int = 0, min_cover: float = 0.5
         spans = find(cap)
         masked_cap, noun = mask_noun(cap, spans, int(rng.integers(len(spans))))
         obj = np.zeros((size, size), dtype=bool)
+        anything = np.zeros((size, size), dtype=bool)
         for o, m in zip(scene, masks):
+            anything |= m >= min_cover
             if o.shape == noun:
                 obj |= m >= min_cover
         pixels.append(transform(img))
@@ -62,13 +66,14 @@ def synthetic_scenes(encoder: Any, n: int, seed: int = 0, min_cover: float = 0.5
         masked.append(masked_cap)
         nouns.append(noun)
         objects.append(torch.from_numpy(obj))
-    return SceneBatch(torch.stack(pixels), caps, masked, nouns, torch.stack(objects))
+        every.append(torch.from_numpy(anything))
+    return SceneBatch(torch.stack(pixels), caps, masked, nouns, torch.stack(objects), torch.stack(every))
 
 
 def masking_report(encoder: Any, scenes: SceneBatch, taus: Sequence[float] = (0.2, 0.3, 0.4),
                    cam: torch.Tensor | None = None, batch_size: int = 64,
                    weighting: str = "auto") -> dict[str, dict[str, float]]:
-    """``{str(tau): {iou, survival_unrelated, survival_noun, region_area, object_area}}``.
+    """``{str(tau): {iou, iou_any_object, survival_unrelated, survival_noun, region_area, object_area}}``.
 
     ``cam`` overrides the encoder's CAM (``[N, S, S]`` in [0, 1]), e.g. a perfect one in tests."""
     from ..methods.cam import apply_cam_mask, noun_cams, object_survival, region_iou
@@ -82,7 +87,8 @@ def masking_report(encoder: Any, scenes: SceneBatch, taus: Sequence[float] = (0.
     out: dict[str, dict[str, float]] = {}
     for tau in taus:
         region = cam > float(tau)
-        row = {"iou": region_iou(region, obj).mean().item()}
+        row = {"iou": region_iou(region, obj).mean().item(),
+               "iou_any_object": region_iou(region, scenes.any_object).mean().item()}
         for direction in ("unrelated", "noun"):
             masked = apply_cam_mask(scenes.pixels, cam, float(tau), region=direction, fill="mean")
             row[f"survival_{direction}"] = object_survival(scenes.pixels, masked, obj).nanmean().item()
