@@ -58,7 +58,7 @@ from .base import CIRMethod
 from .registry import register_method
 
 DEFAULTS: dict[str, Any] = {
-    "prompt": "a photo of $ that {caption}",   # inference (SEARLE, DESIGN)
+    "prompt": "a photo of $ that {caption}",   # inference (SEARLE validate.py)
     "train_prompt": "a photo of $",            # plain objective (Pic2Word)
     "dropout": 0.5,                            # SEARLE --phi-dropout
     "hidden_mult": 4,                          # SEARLE hidden_dim = 4 x output_dim of CLIP
