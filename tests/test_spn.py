@@ -352,6 +352,13 @@ def test_a_text_of_exactly_the_context_length_fits(cirr_root: Path, tmp_path: Pa
         assert out["texts_shortened_to_B"] == shortened
         gen = load_cirr(cirr_root, f"ctx{words}")
         assert all(q["caption"].startswith("Unlike ") == (shortened == 0) for q in gen.queries)
+    # the tokenizer that decides is the text tower's (--text-encoder), not the ranking model's
+    from composed_retrieval.train.checkpoint import save_method
+    wide = save_method(build_method("sum", build_encoder("tiny", **SMALL, context_length=2 * n), {}), tmp_path / "wide")
+    _generate(cirr_root, "--out-split", "ctxwide", "--captioner", f"file:{caps}", "--templates", "1",
+              "--text-encoder", str(wide))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["texts_shortened_to_B"] == 0
+    assert json.loads((cirr_root / "spn.ctxwide.json").read_text())["texts_fitted_to"]["method"] == "sum"
 
 
 def test_rank_window_counts_the_other_images_and_partners_follow_the_given_features(

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--encoder", help="tiny | open_clip:<model>: rank with this separate image tower (SPN4CIR ranks "
                                        "with a separate model, UNICOM ViT-L/14)")
     p.add_argument("--encoder-checkpoint", default=None, help="weights for --encoder (default: random, tiny only useful for tests)")
+    p.add_argument("--text-encoder", default=None,
+                   help="tiny | open_clip:<model> | a run folder: whose tokenizer decides which texts fit (the text "
+                        "tower you will train; SPN4CIR checks with its CIR model's clip.tokenize). Default: the "
+                        "ranking model's")
     p.add_argument("--captioner", required=True,
                    help="scenes | file:PATH (JSON or TSV name->caption) | model:PATH (local transformers "
                         "image-to-text folder) | python:MODULE:FUNCTION (images -> captions)")
@@ -127,7 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     opts.check()   # before the (slow) encoder and captioner are built
     captioner = build_captioner(args.captioner, args.root, args.split, str(device))
     encoder, to_vectors, source = image_encoder(args.model, args.encoder, args.encoder_checkpoint, device)
-    opts.extra = {"ranked_by": source}
+    text_side, text_source = encoder, source
+    if args.text_encoder:
+        is_run = Path(args.text_encoder).is_dir()
+        text_side, _, text_source = image_encoder(args.text_encoder if is_run else None,
+                                                  None if is_run else args.text_encoder, None, torch.device("cpu"))
+    opts.extra = {"ranked_by": source, "texts_fitted_to": text_source}
     cache = FeatureCache(args.cache_dir or Path(args.root) / ".feature_cache")
     transform = encoder.image_transform(args.preprocess)
 
@@ -140,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return to_vectors(feats).float().cpu()
 
     manifest = generate(opts, captioner, encode, progress=not args.quiet,
-                        fits=lambda text: fits_context(encoder, text))
+                        fits=lambda text: fits_context(text_side, text))
     print(json.dumps({"out_split": args.out_split, "triplets": manifest["triplets"],
                       "duplicates_removed": len(manifest["duplicates_removed"]),
                       "texts_shortened_to_B": manifest["texts_shortened_to_B"], "files": manifest["files"],

@@ -31,7 +31,8 @@ Scaling Positives and Negatives", arXiv 2404.11317; public code github.com/BUAAD
   templates 0 and 1, FashionIQ runs use 2). As in SPN4CIR, each triplet stores one text per
   allowed template (a text that does not fit the text tower's context becomes ``"{B}"``: SPN's
   ``clip.tokenize`` fails -> ``caption2``, so a long "Unlike {A}, ..." never loses its {B} to
-  truncation; a text of exactly the context length fits), and the template is drawn each time
+  truncation; a text of exactly the context length fits; the tokenizer that decides is the text
+  tower's, ``--text-encoder``, by default the ranking model's), and the template is drawn each time
   the triplet is read (SPN ``random.choice(captions)`` in ``clip4cir/data_utils.py``; here
   ``caption_choices``, drawn by ``data.triplets.TripletDataset`` per epoch and index from the
   run's seed, so runs repeat);
