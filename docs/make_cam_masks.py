@@ -38,7 +38,8 @@ def main() -> None:
 
     enc = build_encoder("tiny", checkpoint=args.encoder_checkpoint).eval()
     pairs = read_pairs(Path(args.root) / "pairs" / "val.tsv", image_root=args.root)
-    find = noun_finder("synthetic")
+    from composed_retrieval.synth.world import NOUNS
+    find = noun_finder(list(NOUNS))
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
     picks = [i for i in order if 2 <= len(find(pairs.captions[i])) <= 3][: args.n]

@@ -41,10 +41,10 @@ def synthetic_scenes(encoder: Any, n: int, seed: int = 0, min_cover: float = 0.5
     """``n`` fresh random scenes at the encoder's resolution, one noun picked per caption."""
     from ..data.nouns import mask_noun, noun_finder
     from ..synth.render import render_scene
-    from ..synth.world import caption, sample_scene
+    from ..synth.world import NOUNS, caption, sample_scene
 
     rng = np.random.default_rng([seed, 0xCA3])
-    find = noun_finder("synthetic")
+    find = noun_finder(list(NOUNS))
     transform = encoder.image_transform("targetpad")
     size = int(encoder.image_size)
     pixels, caps, masked, nouns, objects, every = [], [], [], [], [], []
