@@ -42,9 +42,9 @@ def searcher(tmp_path_factory) -> Searcher:
 class Server:
     """uvicorn in a thread on 127.0.0.1 with an OS-chosen port."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical",
-                                                    lifespan="off"))
+                                                    lifespan="off", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "Server":
