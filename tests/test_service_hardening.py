@@ -215,9 +215,29 @@ def test_decode_budget_holds_under_concurrency():
         assert budget.used == 150
     quick = DecodeBudget(100, timeout_s=0.1)
     with quick.hold(90):
-        with pytest.raises(DecodeBusy, match="busy decoding"):
+        with pytest.raises(DecodeBusy, match="busy decoding"):     # waited past the timeout
             with quick.hold(20):
                 pass
+    capped = DecodeBudget(100, timeout_s=5, max_waiting=1)
+    released = threading.Event()
+
+    def waiter() -> None:
+        with capped.hold(50):
+            released.set()
+    with capped.hold(90):
+        t = threading.Thread(target=waiter)
+        t.start()
+        t_end = time.time() + 5
+        while capped.waiting < 1:
+            assert time.time() < t_end
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(DecodeBusy):                             # a second waiter is refused at once
+            with capped.hold(50):
+                pass
+        assert time.monotonic() - t0 < 1 and not released.is_set()
+    t.join(5)
+    assert released.is_set() and capped.used == 0
 
 
 def test_concurrent_big_uploads_stay_within_the_decode_budget(built):
@@ -232,10 +252,17 @@ def test_concurrent_big_uploads_stay_within_the_decode_budget(built):
     budget_bytes = int(2.5 * one)
     app = create_app(s, Limits(decode_memory_bytes=budget_bytes, max_image_pixels=7_000_000))
     codes: list[int] = []
+    busy: list[int] = []
     with Server(app) as srv:
         def upload() -> None:
-            r = httpx.post(f"{srv.url}/search", data={"text": "make it red", "k": "2"},
-                           files={"image": ("big.png", data, "image/png")}, timeout=60)
+            for _ in range(40):                              # a client that honours Retry-After (bounded)
+                r = httpx.post(f"{srv.url}/search", data={"text": "make it red", "k": "2"},
+                               files={"image": ("big.png", data, "image/png")}, timeout=60)
+                if r.status_code != 503:
+                    break
+                check_error(r, 503, "busy decoding other images")
+                busy.append(1)
+                time.sleep(0.1)
             codes.append(r.status_code)
         threads = [threading.Thread(target=upload) for _ in range(8)]
         for t in threads:

@@ -144,7 +144,9 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
     """The service for one loaded :class:`Searcher` (``cir serve`` builds it from an index)."""
     limits = limits or Limits()
     searcher.max_pixels = limits.max_image_pixels
-    budget = DecodeBudget(limits.decode_memory_bytes, timeout_s=limits.request_timeout_s)
+    # a quarter of the search slots may wait for decode memory; the rest stay for other searches
+    budget = DecodeBudget(limits.decode_memory_bytes, timeout_s=limits.request_timeout_s,
+                          max_waiting=max(1, limits.max_concurrent // 4))
     thumbs = ThumbnailCache(limits.thumbnail_px, limits.thumbnail_cache, limits.max_image_pixels, budget.hold)
     reduce_to = REDUCE_MARGIN * int(getattr(searcher.method.encoder, "image_size", 0) or 0) or None
     paths = _Paths(searcher)
@@ -224,7 +226,7 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         return {"status": "saturated" if stats.saturated else "ok", "images": len(searcher.index),
                 "engine": meta.get("kind"), "method": meta.get("method"), "dim": searcher.index.dim,
                 "search": stats.as_dict(),
-                "decode": {"held_bytes": budget.used, "budget_bytes": budget.max_bytes},
+                "decode": {"held_bytes": budget.used, "budget_bytes": budget.max_bytes, "waiting": budget.waiting},
                 "limits": {"max_text_chars": limits.max_text_chars, "max_k": limits.max_k,
                            "max_upload_bytes": limits.max_upload_bytes}}
 

@@ -276,23 +276,36 @@ class HostGuard:
 class DecodeBudget:
     """Bytes that concurrent image decodes may hold at once (threads wait for room).
 
-    One decode larger than the whole budget runs alone rather than never. ``timeout_s`` bounds
-    the wait; past it :class:`DecodeBusy` is raised (the service answers 503).
+    One decode larger than the whole budget runs alone rather than never. At most
+    ``max_waiting`` decodes wait for room (a waiting upload holds a search slot, so unbounded
+    waiting would let big uploads take every slot from small searches); one more, or one still
+    waiting after ``timeout_s``, raises :class:`DecodeBusy` (the service answers 503).
     """
 
-    def __init__(self, max_bytes: int, timeout_s: float = 30.0) -> None:
-        self.max_bytes, self.timeout_s = max_bytes, timeout_s
+    def __init__(self, max_bytes: int, timeout_s: float = 30.0, max_waiting: int | None = None) -> None:
+        self.max_bytes, self.timeout_s, self.max_waiting = max_bytes, timeout_s, max_waiting
         self.used = 0
         self.peak = 0
+        self.waiting = 0
         self._cond = threading.Condition()
 
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
+        def fits() -> bool:
+            return self.used == 0 or self.used + cost <= self.max_bytes
+
+        busy = f"server busy decoding other images (budget {self.max_bytes // 2**20} MiB); retry shortly"
         with self._cond:
-            ok = self._cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.max_bytes, self.timeout_s)
-            if not ok:
-                raise DecodeBusy(f"server busy decoding other images (budget {self.max_bytes // 2**20} MiB); "
-                                 "retry shortly")
+            if not fits():
+                if self.max_waiting is not None and self.waiting >= self.max_waiting:
+                    raise DecodeBusy(busy)
+                self.waiting += 1
+                try:
+                    ok = self._cond.wait_for(fits, self.timeout_s)
+                finally:
+                    self.waiting -= 1
+                if not ok:
+                    raise DecodeBusy(busy)
             self.used += cost
             self.peak = max(self.peak, self.used)
         try:
