@@ -15,10 +15,15 @@ the real `cir serve` as a subprocess on 127.0.0.1, then runs two phases, each fo
   (408s, 503 "busy decoding") and the server's peak RSS against ``--rss-bound-mib`` (default:
   idle RSS + the decode budget + 256 MiB). Exit 1 when a probe failed or the bound was passed.
 
+- ``burst``: ``--decode-clients`` upload the big PNG at once, each once (retrying a 503 after
+  0.2 s, bounded): the answers, the time and the peak RSS (the issue's "8 uploads of a 6300x6300
+  PNG took the server from 1.0 to 6.5 GB").
+
 RSS is sampled from /proc/<pid>/status every 50 ms. Loopback only; every loop is bounded by time.
 
     .venv/bin/python benchmarks/service_load.py --clients 16 --seconds 20 --max-requests 5000
     .venv/bin/python benchmarks/service_load.py --phases abuse --seconds 20   # slow clients + big uploads
+    .venv/bin/python benchmarks/service_load.py --phases burst --decode-clients 8            # 8 big uploads at once
     .venv/bin/python benchmarks/service_load.py --seconds 3 --slow-clients 8 --decode-clients 2  # a quick check
 """
 from __future__ import annotations
@@ -271,6 +276,39 @@ def decoder(port: int, data: bytes, stop: threading.Event, tally: dict, lat: lis
                 time.sleep(0.2)                           # what Retry-After asks
 
 
+def run_burst(port: int, big: bytes, clients: int) -> dict:
+    codes: list[str] = []
+    retries = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        key = "none"
+        with httpx.Client(timeout=600) as c:
+            for _ in range(600):                          # bounded: 600 tries x 0.2 s at most
+                try:
+                    r = c.post(f"http://{HOST}:{port}/search", data={"text": "make it red", "k": "10"},
+                               files={"image": ("big.png", big, "image/png")})
+                    key = str(r.status_code)
+                except httpx.HTTPError as exc:
+                    key = type(exc).__name__
+                if key != "503":
+                    break
+                with lock:
+                    retries[0] += 1
+                time.sleep(0.2)
+        with lock:
+            codes.append(key)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"uploads": clients, "answers": {k: codes.count(k) for k in sorted(set(codes))},
+            "retried_503": retries[0], "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run_abuse(port: int, names: list[str], big: bytes, args: argparse.Namespace, phase: dict) -> dict:
     phase["name"] = "baseline"
     baseline = probe(port, names, args.seconds)
@@ -325,7 +363,7 @@ def main() -> int:
     ap.add_argument("--header-timeout", type=float, default=10.0)
     ap.add_argument("--body-timeout", type=float, default=30.0)
     ap.add_argument("--decode-memory-mb", type=float, default=512.0)
-    ap.add_argument("--phases", default="throughput,abuse", help="comma-separated: throughput, abuse")
+    ap.add_argument("--phases", default="throughput,abuse,burst", help="comma-separated: throughput, abuse, burst")
     ap.add_argument("--slow-clients", type=int, default=80, help="abuse: sockets trickling bytes")
     ap.add_argument("--trickle-s", type=float, default=1.0, help="abuse: seconds between a slow client's bytes")
     ap.add_argument("--decode-clients", type=int, default=8, help="abuse: clients uploading a big PNG")
@@ -335,12 +373,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if not phases or set(phases) - {"throughput", "abuse"}:
-        raise SystemExit(f"--phases: expected throughput and/or abuse, got {args.phases!r}")
+    if not phases or set(phases) - {"throughput", "abuse", "burst"}:
+        raise SystemExit(f"--phases: expected some of throughput, abuse, burst; got {args.phases!r}")
 
     work = Path(args.work)
     idx, names, uploads = prepare(work, args.images)
-    big = big_png(work, args.big_side) if "abuse" in phases else b""
+    big = big_png(work, args.big_side) if {"abuse", "burst"} & set(phases) else b""
     port = free_port()
     server = start_server(idx, port, args)
     idle_rss = rss_kib(server.pid)
@@ -373,6 +411,10 @@ def main() -> int:
             result["abuse"] = run_abuse(port, names, big, args, phase)
             ok &= all(result["abuse"][k][p]["failed"] == 0 for k in ("baseline", "under_abuse")
                       for p in ("page", "search"))
+        if "burst" in phases:
+            phase["name"] = "burst"
+            result["burst"] = run_burst(port, big, args.decode_clients)
+            ok &= set(result["burst"]["answers"]) == {"200"}
     finally:
         sampling.set()
         sampler.join()
@@ -382,11 +424,12 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     result["server_rss_peak_mib"] = {k: round(v / 1024, 1) for k, v in peaks.items()}
-    if "abuse" in phases:
-        bound = args.rss_bound_mib or idle_rss / 1024 + args.decode_memory_mb + 256
-        peak = max(peaks.get("abuse", 0), peaks.get("drain", 0)) / 1024
-        result["abuse"]["rss"] = {"peak_mib": round(peak, 1), "bound_mib": round(bound, 1), "within": peak <= bound}
-        ok &= peak <= bound
+    bound = args.rss_bound_mib or idle_rss / 1024 + args.decode_memory_mb + 256
+    for name, sampled in (("abuse", ("abuse", "drain")), ("burst", ("burst",))):
+        if name in phases:
+            peak = max(peaks.get(k, 0) for k in sampled) / 1024
+            result[name]["rss"] = {"peak_mib": round(peak, 1), "bound_mib": round(bound, 1), "within": peak <= bound}
+            ok &= peak <= bound
     print(json.dumps(result, indent=2))
     return 0 if ok else 1
 
