@@ -141,6 +141,28 @@ def test_slow_clients_cannot_starve_the_page_thumbnails_or_a_search(built):
             assert c.get("/healthz").json()["search"]["slow_bodies"] == 6
 
 
+def test_bodies_arriving_at_once_are_capped(built):
+    app = create_app(fresh(built), Limits(max_reading=2, body_timeout_s=1.5))
+    head = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    with Server(app) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        slow = [Trickler(port, head, b"-" * 5000) for _ in range(2)]
+        for t in slow:
+            t.start()
+        t_end = time.time() + 10
+        while httpx.get(f"{srv.url}/healthz").json()["search"]["reading"] < 2:
+            assert time.time() < t_end
+            time.sleep(0.02)
+        check_error(httpx.post(f"{srv.url}/search", data={"text": "x", "name": built["names"][0]}),
+                    429, r"2 request bodies arriving \(limit 2\)")
+        assert httpx.get(f"{srv.url}/").status_code == 200
+        for t in slow:
+            t.join(10)
+            assert t.answer.startswith(b"HTTP/1.1 408")
+        assert httpx.post(f"{srv.url}/search", data={"text": "x", "name": built["names"][0]}).status_code == 200
+
+
 def test_healthz_reports_saturation_while_the_page_still_answers(built):
     s = fresh(built)
     gate, entered = threading.Event(), threading.Event()

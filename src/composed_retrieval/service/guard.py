@@ -100,6 +100,11 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         st = self.stats
+        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:   # announced: refused before reading
+            await send_json(send, 413, f"request body of {int(length)} bytes is above the upload limit of "
+                                       f"{self.max_body_bytes} bytes", {"Connection": "close"})
+            return
         if st.reading >= self.max_reading:
             st.refused_busy += 1
             await send_json(send, 429, f"server busy: {st.reading} request bodies arriving (limit "
