@@ -283,6 +283,7 @@ def test_concurrent_big_uploads_stay_within_the_decode_budget(built):
                 if r.status_code != 503:
                     break
                 check_error(r, 503, "busy decoding other images")
+                assert r.headers["retry-after"] == "1"
                 busy.append(1)
                 time.sleep(0.1)
             codes.append(r.status_code)

@@ -171,7 +171,7 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         try:
             return load_image(path, searcher.max_pixels, reduce_to=reduce_to, gate=budget.hold)
         except DecodeBusy as exc:
-            raise _fail(503, str(exc)) from None
+            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "1"}) from None
 
     # ---- errors: one line of JSON, never a traceback -----------------------------------
     @app.exception_handler(HTTPException)
