@@ -74,14 +74,16 @@ class GuardStats:
 
 
 class RequestGuard:
-    """ASGI middleware enforcing the limits above on the ``limited`` paths."""
+    """ASGI middleware enforcing the limits above on the ``limited`` paths (``exempt`` ones never)."""
 
     def __init__(self, app: Any, max_concurrent: int, max_queued: int, timeout_s: float,
                  max_body_bytes: int, body_timeout_s: float = 30.0, max_reading: int = 256,
-                 limited: tuple[str, ...] = ("/search",), stats: GuardStats | None = None) -> None:
+                 limited: tuple[str, ...] = ("/search",), stats: GuardStats | None = None,
+                 exempt: tuple[str, ...] = ("/healthz",)) -> None:
         self.app = app
         self.max_concurrent, self.max_queued = max_concurrent, max_queued
-        self.timeout_s, self.max_body_bytes, self.limited = timeout_s, max_body_bytes, limited
+        self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
+        self.limited = tuple(p for p in limited if p not in exempt)
         self.body_timeout_s, self.max_reading = body_timeout_s, max_reading
         self.stats = stats or GuardStats(max_concurrent, max_queued)
         self._slots: asyncio.Semaphore | None = None
@@ -93,7 +95,12 @@ class RequestGuard:
 
     @property
     def waiting(self) -> int:
+        """Searches queued for a slot (a property, so that a subclass can mirror it elsewhere)."""
         return self.stats.waiting
+
+    @waiting.setter
+    def waiting(self, value: int) -> None:
+        self.stats.waiting = value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") not in self.limited:
@@ -158,14 +165,14 @@ class RequestGuard:
         if self._slots is None or self._loop is not loop:  # one per event loop (test clients make several)
             self._slots, self._loop = asyncio.Semaphore(self.max_concurrent), loop
         slots, st = self._slots, self.stats
-        if st.running + st.waiting >= self.max_concurrent + self.max_queued:
+        if st.running + self.waiting >= self.max_concurrent + self.max_queued:
             st.refused_busy += 1
-            await send_json(send, 429, f"server busy: {st.running} requests running and {st.waiting} "
+            await send_json(send, 429, f"server busy: {st.running} requests running and {self.waiting} "
                                        f"waiting (limits {self.max_concurrent} and {self.max_queued}); "
                                        "retry shortly", {"Retry-After": "1"})
             return
         deadline = loop.time() + self.timeout_s
-        st.waiting += 1
+        self.waiting += 1
         try:
             await asyncio.wait_for(slots.acquire(), self.timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
@@ -174,7 +181,7 @@ class RequestGuard:
                                        "request timeout; retry shortly", {"Retry-After": "1"})
             return
         finally:
-            st.waiting -= 1
+            self.waiting -= 1
         st.running += 1
         await self._run(scope, body, send, deadline, slots)
 
