@@ -330,7 +330,13 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
             if max_steps and steps >= int(max_steps):
                 break
-        return {k: round(v / max(steps, 1), 6) for k, v in sums.items()} | {"steps": steps}
+        means = {k: round(v / max(steps, 1), 6) for k, v in sums.items()}
+        # every scalar a method returns is logged (its epoch mean); a method whose training
+        # query is not its inference query (DRA) returns "match" and "match_inference", and
+        # their gap is logged beside them so that a target leak shows in metrics.jsonl
+        if "match" in means and "match_inference" in means:
+            means["match_gap"] = round(means["match_inference"] - means["match"], 6)
+        return means | {"steps": steps}
 
     def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
