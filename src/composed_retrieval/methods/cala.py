@@ -47,12 +47,13 @@ from ..losses import diagonal_cross_entropy
 from ..train.distributed import gather_rows   # identity outside a multi-process global batch
 from .base import CIRMethod
 from .combiner import CombinerNet
-from .dra import check_weight, excluding, read_options, require_tokens, sum_compose
+from .dra import check_fusion, check_weight, excluding, read_options, require_tokens, sum_compose
 from .hca import HingeCrossAttention
 from .registry import register_method
 from .tac import TwinAttentionCompositor
 
 COMPOSITORS = ("combiner", "sum")
+ALIGN_FEATURES = ("normalized", "raw")
 
 
 @register_method("cala")
@@ -63,8 +64,9 @@ class CaLa(CIRMethod):
     DEFAULTS: dict[str, Any] = {
         "tac": True, "hca": True, "w_tac": 0.45, "w_hca": 0.1, "compositor": "combiner",
         "match_scale": 100.0, "align_scale": 10.0, "reason_scale": 10.0,
-        "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False,
-        "hca_dropout": 0.1, "hca_query": "mean",
+        "fusion": "normalized", "text_weight": 0.5, "align_features": "normalized",
+        "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False, "tac_shared_cls": False,
+        "hca_dropout": 0.1, "hca_query": "mean", "hca_text_mask": True,
         "projection_dim": None, "hidden_dim": None, "dropout": 0.5,
     }
 
@@ -77,10 +79,14 @@ class CaLa(CIRMethod):
         if o["compositor"] not in COMPOSITORS:
             raise ConfigError(f"method_config.compositor: expected one of {', '.join(COMPOSITORS)} for cala, "
                               f"got {o['compositor']!r}")
+        check_fusion(self.name, o)
+        if o["align_features"] not in ALIGN_FEATURES:
+            raise ConfigError(f"method_config.align_features: expected one of {', '.join(ALIGN_FEATURES)} for "
+                              f"cala, got {o['align_features']!r}")
         d = encoder.embed_dim
         self.tac = TwinAttentionCompositor(encoder.image_token_dim, d, num_layers=o["tac_layers"],
                                            num_heads=o["tac_heads"], dropout=o["tac_dropout"],
-                                           share_layers=o["tac_share_layers"])
+                                           share_layers=o["tac_share_layers"], shared_cls=o["tac_shared_cls"])
         self.hca = HingeCrossAttention(encoder.image_token_dim, encoder.text_token_dim, d,
                                        dropout=o["hca_dropout"], query=o["hca_query"])
         self.combiner = (CombinerNet(d, o["projection_dim"], o["hidden_dim"], o["dropout"])
@@ -104,8 +110,13 @@ class CaLa(CIRMethod):
 
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
         if self.combiner is None:
-            return sum_compose(reference.pooled.float(), text.pooled.float())
+            return sum_compose(reference.pooled.float(), text.pooled.float(), self.options["fusion"],
+                               self.options["text_weight"])
         return F.normalize(self.combiner(reference.pooled.float(), text.pooled.float()), dim=-1)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Features in the align/reason logits: L2-normalised (ours) or as computed (public code)."""
+        return F.normalize(x, dim=-1) if self.options["align_features"] == "normalized" else x
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         o = self.options
@@ -113,7 +124,7 @@ class CaLa(CIRMethod):
         target = self.image_features(batch["target"])
         text = self.text_features(batch["text"])
         target_vec = self.gallery_embedding(target)
-        text_vec = F.normalize(text.pooled.float(), dim=-1)
+        text_vec = self._unit(text.pooled.float())
 
         logits_match = o["match_scale"] * self.compose(reference, text) @ gather_rows(target_vec).t()
         out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
@@ -122,7 +133,7 @@ class CaLa(CIRMethod):
             require_tokens(reference, "reference image", self.name)
             require_tokens(target, "target image", self.name)
             fused = self.tac(reference.tokens.float(), target.tokens.float(), reference.mask, target.mask)
-            logits_align = o["align_scale"] * text_vec @ gather_rows(F.normalize(fused, dim=-1)).t()
+            logits_align = o["align_scale"] * text_vec @ gather_rows(self._unit(fused)).t()
             out["align"] = diagonal_cross_entropy(logits_align.detach())
             logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
         contrastive = diagonal_cross_entropy(logits)
@@ -133,9 +144,9 @@ class CaLa(CIRMethod):
             require_tokens(target, "target image", self.name)
             require_tokens(text, "text", self.name)
             pseudo_target = self.hca(reference.tokens.float(), text.tokens.float(), target.tokens.float(),
-                                     reference.mask, text.mask, target.mask)
-            reference_vec = F.normalize(reference.pooled.float(), dim=-1)
-            logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ gather_rows(reference_vec).t()
+                                     reference.mask, text.mask if o["hca_text_mask"] else None, target.mask)
+            reference_vec = self._unit(reference.pooled.float())
+            logits_reason = o["reason_scale"] * self._unit(pseudo_target) @ gather_rows(reference_vec).t()
             reasoning = diagonal_cross_entropy(logits_reason)
             out["reasoning"] = reasoning.detach()
             loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive

@@ -47,6 +47,7 @@ Settings and where they come from:
 
 Config (``method_config``): ``implicit`` (bool, alignment loss on/off), ``explicit`` (bool,
 compensation on/off), ``compensation`` ("mixed" | "predicted" | "target"), ``fv_drop``,
+``fusion`` ("normalized" | "raw") and ``text_weight`` of the warm-up's sum (see ``sum_compose``),
 ``w_match``, ``w_implicit``, ``w_relation``, ``match_scale``, ``implicit_scale``,
 ``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``, ``tac_shared_cls``,
 ``align_head`` (a linear head on Fv for the implicit loss, our choice so that the alignment
@@ -116,10 +117,31 @@ def require_tokens(features: Features, role: str, method: str) -> None:
                           f"must be built with tokens")
 
 
-def sum_compose(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """CLIP4Cir's stage-1 query: the element-wise sum of the normalised features, normalised
-    (the same formula as the ``sum`` baseline)."""
-    return F.normalize(F.normalize(image, dim=-1) + F.normalize(text, dim=-1), dim=-1)
+FUSIONS = ("raw", "normalized")
+
+
+def sum_compose(image: torch.Tensor, text: torch.Tensor, fusion: str = "normalized",
+                text_weight: float = 0.5) -> torch.Tensor:
+    """Element-wise sum query ``[B, d]``, L2-normalised.
+
+    ``raw``: ``normalize((1 - w) image + w text)`` on the features as the towers give them --
+    with ``w = 0.5`` exactly CLIP4Cir's, CaLa's and SPN4CIR's ``element_wise_sum``
+    (``F.normalize(image + text)``, github.com/ABaldrati/CLIP4Cir ``src/utils.py``);
+    ``normalized``: each side L2-normalised first, ``normalize((1 - w) î + w t̂)``, so neither
+    tower dominates by its norm (our variant, not the public code's).
+    """
+    if fusion not in FUSIONS:
+        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion == "normalized":
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    return F.normalize((1.0 - text_weight) * image + text_weight * text, dim=-1)
+
+
+def check_fusion(method: str, options: dict[str, Any]) -> None:
+    if options["fusion"] not in FUSIONS:
+        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)} for {method}, "
+                          f"got {options['fusion']!r}")
+    check_weight(method, "text_weight", options["text_weight"])
 
 
 def excluding(params: list[nn.Parameter], modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -154,7 +176,7 @@ class DRA(CIRMethod):
     stages = ("warmup", "main")
     DEFAULTS: dict[str, Any] = {
         "implicit": True, "explicit": True, "compensation": "mixed", "fv_drop": 0.5,
-        "w_match": 1.0, "w_implicit": 1.0, "w_relation": 1.0,
+        "w_match": 1.0, "w_implicit": 1.0, "w_relation": 1.0, "fusion": "normalized", "text_weight": 0.5,
         "match_scale": 100.0, "implicit_scale": 10.0, "align_head": True,
         "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False, "tac_shared_cls": False,
         "projection_dim": None, "hidden_dim": None, "dropout": 0.5,
@@ -173,6 +195,7 @@ class DRA(CIRMethod):
             raise ConfigError(f"method_config.compensation: expected one of {', '.join(COMPENSATIONS)} for dra, "
                               f"got {o['compensation']!r}")
         check_weight(self.name, "fv_drop", o["fv_drop"])
+        check_fusion(self.name, o)
         d = encoder.embed_dim
         self.tac = TwinAttentionCompositor(encoder.image_token_dim, d, num_layers=o["tac_layers"],
                                            num_heads=o["tac_heads"], dropout=o["tac_dropout"],
@@ -224,7 +247,7 @@ class DRA(CIRMethod):
     def _query(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         if bool(self.combiner_in_use):
             return F.normalize(self.combiner(reference, text), dim=-1)
-        return sum_compose(reference, text)
+        return sum_compose(reference, text, self.options["fusion"], self.options["text_weight"])
 
     def _inference_text(self, reference: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
         """The text the query compositor gets at inference: compensated by the predicted
