@@ -416,3 +416,44 @@ def test_dra_literal_reading_leaks_the_target():
     print(f"\n[faithfulness] DRA compensation=target (leaky): training-query CE {train_ce:.3f}, "
           f"inference-query CE {inference_ce:.3f}, chance {CHANCE:.3f}")
     assert train_ce < CHANCE - 2 and inference_ce > CHANCE + 1
+
+
+# ------------------------------------------------------------------ training settings
+def test_paper_configs_state_every_training_setting():
+    """No silent global default in a paper run: gradient clipping, precision, and per stage the
+    weight decay and AdamW's epsilon are written in the config (README lists what differs)."""
+    from composed_retrieval.config import load_config
+
+    for path in sorted(CONFIGS.glob("*_paper.json")):
+        raw = json.loads(path.read_text())
+        assert "grad_clip" in raw and raw["grad_clip"] is None, path.name   # the public code does not clip
+        assert "amp" in raw, path.name
+        for stage in raw["stages"]:
+            assert "weight_decay" in stage and "eps" in stage, (path.name, stage["name"])
+        load_config(path)   # and it validates
+
+
+def test_dra_warmup_takes_no_step_on_the_inference_compositor():
+    """frozen_dra's Combiner trains exactly as many steps as frozen_combiner's (the tables compare
+    them): the warm-up stage trains no module that inference uses."""
+    from composed_retrieval.encoders.registry import build_encoder
+    from composed_retrieval.methods.registry import build_method
+
+    def combiner_steps(name: str) -> int:
+        cfg = json.loads((CONFIGS / name).read_text())
+        method = build_method(cfg["method"], build_encoder("tiny", embed_dim=32, image_width=16, text_width=32),
+                              cfg.get("method_config") or {})
+        combiner = {id(p) for p in method.combiner.parameters()}
+        steps = 0
+        for stage in cfg["stages"]:
+            method.set_stage(stage["name"])
+            if combiner & {id(p) for p in method.trainable_parameters()}:
+                steps += stage["epochs"] * cfg["max_steps_per_epoch"]
+        return steps
+
+    assert combiner_steps("frozen_dra.json") == combiner_steps("frozen_combiner.json") == 120
+    for compensation in ("mixed", "predicted"):
+        dra = DRA(FakeEncoder(), {"compensation": compensation})
+        dra.set_stage("warmup")
+        inference = {id(p) for m in (dra.combiner, dra.relation_predictor) if m is not None for p in m.parameters()}
+        assert not inference & {id(p) for p in dra.trainable_parameters()}
