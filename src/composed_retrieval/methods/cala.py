@@ -23,15 +23,21 @@ encoder interface the default is CLIP4Cir's Combiner (``compositor: "combiner"``
 ``CombinerNet`` DRA uses); ``compositor: "sum"`` reproduces the public CLIP recipe. Inference
 uses the query compositor only; TAC and HCA are training-time modules.
 
-Differences from the public code, on purpose: features in every logit are L2-normalised (the
-public align/reason logits use raw features, so their scale is not a temperature); HCA masks
-padding text tokens and uses a mean query token (see ``hca.py``); TAC has learned CLS tokens
-(see ``tac.py``).
+``cala_paper.json`` reproduces the public CLIP loss exactly (``fusion: "raw"``,
+``align_features: "raw"``, ``tac_shared_cls``/``tac_share_layers``, ``hca_query: "first"``,
+``hca_text_mask: false``; pinned by ``tests/test_faithfulness.py``). Our defaults differ on
+purpose: features in every logit are L2-normalised (``align_features: "normalized"``: the public
+align/reason logits use raw features, so their scale is not a temperature); the sum normalises
+each side first; HCA masks padding text tokens and uses a mean query token (see ``hca.py``);
+TAC has a CLS per stack (see ``tac.py``). In every setting TAC's CLS is learned (the public code
+draws it at random every forward).
 
 Config (``method_config``): ``tac``, ``hca`` (bool switches), ``w_tac``, ``w_hca``,
-``compositor`` ("combiner" | "sum"), ``match_scale``, ``align_scale``, ``reason_scale``,
-``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``, ``hca_dropout``,
-``hca_query`` ("mean" | "first"), ``projection_dim``, ``hidden_dim``, ``dropout`` (Combiner).
+``compositor`` ("combiner" | "sum"), ``fusion`` ("normalized" | "raw") and ``text_weight`` of the
+sum, ``align_features`` ("normalized" | "raw"), ``match_scale``, ``align_scale``,
+``reason_scale``, ``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``,
+``tac_shared_cls``, ``hca_dropout``, ``hca_query`` ("mean" | "first"), ``hca_text_mask``,
+``projection_dim``, ``hidden_dim``, ``dropout`` (Combiner).
 """
 from __future__ import annotations
 

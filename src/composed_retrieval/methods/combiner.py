@@ -1,7 +1,11 @@
 """CLIP4Cir's Combiner (Baldrati et al.): the multimodal compositor that DRA reuses too.
 
-Stage 1 fine-tunes the towers with an element-wise sum (method ``sum`` with
-``train_image_tower``/``train_text_tower``); stage 2 trains this network on frozen towers.
+Stage 1 fine-tunes the towers with an element-wise sum (stage ``finetune``; ``fusion`` as in the
+``sum`` method); stage 2 trains this network on frozen towers. ``CombinerNet`` follows
+github.com/ABaldrati/CLIP4Cir ``src/combiner.py`` (``combine_features``) and equals it on
+unit-norm inputs (``tests/test_faithfulness.py``); the one deliberate difference is that it
+L2-normalises its inputs first (see ``CombinerNet.forward``), so on raw CLIP features it is not
+CLIP4Cir's function.
 """
 from __future__ import annotations
 
