@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from composed_retrieval.encoders.base import EncoderPair, Features
+from composed_retrieval.errors import ConfigError
 from composed_retrieval.methods.cala import CaLa
 from composed_retrieval.methods.combiner import CombinerNet
 from composed_retrieval.methods.dra import DRA
@@ -313,8 +314,15 @@ def test_sum_fusions():
     assert max_diff(normalized, raw.compose(image, text)) > 1e-2     # two different methods
     weighted = build_method("sum", FakeEncoder(), {"fusion": "raw", "text_weight": 0.8}).compose(image, text)
     assert max_diff(weighted, F.normalize(0.2 * image.pooled + 0.8 * text.pooled, dim=-1)) < TOL
+    combiner = build_method("combiner", FakeEncoder(), {"fusion": "raw"})   # CLIP4Cir's stage 1
+    combiner.set_stage("finetune")
+    assert max_diff(combiner.compose(image, text), public_element_wise_sum(image.pooled, text.pooled)) < TOL
     for name in ("cala_paper.json", "dra_paper.json"):
         assert json.loads((CONFIGS / name).read_text())["method_config"]["fusion"] == "raw", name
+    with pytest.raises(ConfigError, match="fusion"):
+        build_method("sum", FakeEncoder(), {"fusion": "mean"})
+    with pytest.raises(ConfigError, match="text_weight"):
+        build_method("sum", FakeEncoder(), {"text_weight": 1.5})
 
 
 # ------------------------------------------------------------------ DRA: no target leak

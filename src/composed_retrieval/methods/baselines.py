@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..encoders.base import EncoderPair, Features
-from ..errors import ConfigError
 from ..losses import batch_contrastive
-from .base import CIRMethod
-from .dra import check_fusion, sum_compose
+from .base import CIRMethod, check_fusion, sum_compose
 from .registry import register_method
 
 
@@ -52,12 +50,10 @@ class Sum(_Fixed):
 
     def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
         super().__init__(encoder, config)
-        self.fusion = str(self.config.get("fusion", "normalized"))
+        self.fusion = self.config.get("fusion", "normalized")
         self.text_weight = self.config.get("text_weight", 0.5)
-        if isinstance(self.text_weight, bool) or not isinstance(self.text_weight, (int, float)):
-            raise ConfigError(f"method_config.text_weight: expected a number for sum, got {self.text_weight!r}")
-        self.text_weight = float(self.text_weight)
         check_fusion(self.name, {"fusion": self.fusion, "text_weight": self.text_weight})
+        self.text_weight = float(self.text_weight)
         # recorded with the run (config.json, results.json) even when the defaults were used
         self.config.update(fusion=self.fusion, text_weight=self.text_weight)
 

@@ -65,7 +65,7 @@ from torch import nn
 from ..encoders.base import EncoderPair, Features
 from ..errors import ConfigError
 from ..losses import batch_contrastive
-from .base import CIRMethod
+from .base import CIRMethod, check_fusion, sum_compose
 from .combiner import CombinerNet
 from .registry import register_method
 from .tac import TwinAttentionCompositor
@@ -115,33 +115,6 @@ def require_tokens(features: Features, role: str, method: str) -> None:
     if features.tokens is None or features.tokens.dim() != 3 or features.tokens.shape[1] == 0:
         raise ConfigError(f"{method} needs token-level {role} features [B, L, d_tok]; the feature cache "
                           f"must be built with tokens")
-
-
-FUSIONS = ("raw", "normalized")
-
-
-def sum_compose(image: torch.Tensor, text: torch.Tensor, fusion: str = "normalized",
-                text_weight: float = 0.5) -> torch.Tensor:
-    """Element-wise sum query ``[B, d]``, L2-normalised.
-
-    ``raw``: ``normalize((1 - w) image + w text)`` on the features as the towers give them --
-    with ``w = 0.5`` exactly CLIP4Cir's, CaLa's and SPN4CIR's ``element_wise_sum``
-    (``F.normalize(image + text)``, github.com/ABaldrati/CLIP4Cir ``src/utils.py``);
-    ``normalized``: each side L2-normalised first, ``normalize((1 - w) î + w t̂)``, so neither
-    tower dominates by its norm (our variant, not the public code's).
-    """
-    if fusion not in FUSIONS:
-        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
-    if fusion == "normalized":
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-    return F.normalize((1.0 - text_weight) * image + text_weight * text, dim=-1)
-
-
-def check_fusion(method: str, options: dict[str, Any]) -> None:
-    if options["fusion"] not in FUSIONS:
-        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)} for {method}, "
-                          f"got {options['fusion']!r}")
-    check_weight(method, "text_weight", options["text_weight"])
 
 
 def excluding(params: list[nn.Parameter], modules: list[nn.Module]) -> list[nn.Parameter]:
