@@ -13,7 +13,7 @@ Objectives (weighted sum ``w_plain * plain + w_masked * masked``):
 * plain (Pic2Word ``get_loss_img2text``): the prompt "a photo of $" with phi(image) must match
   the image's own feature, symmetric contrastive over the batch at a fixed logit scale
   (Pic2Word uses the frozen CLIP's, 100).
-* masked (arXiv 2406.18836, DESIGN section 3): per caption one noun is chosen;
+* masked (arXiv 2406.18836): per caption one noun is chosen;
   ``noun_mask`` replaces it by "$" (else the query text is ``prompt`` around the full caption);
   ``cam_mask`` replaces the image region a Grad-CAM for that noun highlights above ``tau`` by
   the same region of another image in the batch (``cam_fill="batch"``, as 2406.18836 does;
