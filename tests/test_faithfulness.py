@@ -465,3 +465,24 @@ def test_dra_warmup_takes_no_step_on_the_inference_compositor():
         dra.set_stage("warmup")
         inference = {id(p) for m in (dra.combiner, dra.relation_predictor) if m is not None for p in m.parameters()}
         assert not inference & {id(p) for p in dra.trainable_parameters()}
+
+
+def test_training_logs_both_match_losses_and_records_the_options(synth_tiny: Path, tmp_path: Path):
+    """metrics.jsonl: per epoch the training query's and the inference query's match loss (and
+    their gap); results.json: every option the method ran with, defaults included."""
+    from composed_retrieval.config import load_config
+    from composed_retrieval.train.loop import Trainer
+
+    cfg = load_config(None, [], {
+        "method": "dra", "encoder": "tiny", "dataset": "cirr", "root": str(synth_tiny), "device": "cpu",
+        "encoder_config": {"image_width": 16, "text_width": 32, "embed_dim": 32},
+        "method_config": {"tac_layers": 1}, "batch_size": 16, "max_steps_per_epoch": 2,
+        "stages": [{"name": "warmup", "epochs": 1, "lr": 1e-3}, {"name": "main", "epochs": 1, "lr": 1e-3}]})
+    result = Trainer(cfg, tmp_path / "run", progress=False).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["warmup", "main"]
+    for r in rows:
+        assert {"match", "match_inference", "match_gap"} <= set(r)
+        assert r["match_gap"] == pytest.approx(r["match_inference"] - r["match"], abs=1e-5)
+    assert result["method_options"]["compensation"] == "mixed"
+    assert result["method_options"]["fusion"] == "normalized"
