@@ -1,6 +1,7 @@
 """Atomic writes and strict reads, so a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import DataError
+
+#: JSON nested deeper than this is refused (Python's parser would hit its recursion limit)
+MAX_JSON_DEPTH = 200
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (threads may be writing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -19,14 +37,37 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp makes 0600; a file the toolkit writes gets the mode open() would give it
+        os.chmod(tmp_path, 0o666 & ~_umask())
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename is None:   # name the file the user asked for, not our temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+    except RuntimeError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if _is_write_failure(exc):  # torch's serializer on a full disk ("enforce fail ... unexpected pos")
+            raise OSError(errno.ENOSPC, f"writing failed, is the disk full? ({_first_line(exc)})", str(path)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "file write failed",
+                                   "No space left", "inline_container"))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -61,14 +102,58 @@ def read_text(path: str | Path, what: str = "text file") -> str:
         raise DataError(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: a repeated key is an error (json keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Cheap upper bound of the nesting depth (brackets inside strings count too: conservative)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def parse_json(text: str) -> Any:
+    """Strict JSON: duplicate keys and too-deep nesting raise ValueError with the reason."""
+    if _too_deep(text):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise ValueError(f"duplicate key {exc.args[0]!r}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Read JSON, turning a missing file or a syntax error into a one-line DataError."""
+    """Read JSON, turning a missing file, a syntax error, a duplicate key or absurd nesting
+    into a one-line DataError."""
     path = Path(path)
     text = read_text(path, what)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed {what}: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
+        return parse_json(text)
+    except ValueError as exc:
+        raise DataError(f"malformed {what}: {exc}", path) from None
 
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[Any]:
@@ -79,7 +164,14 @@ def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[Any]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"malformed {what} at line {lineno}: {exc.msg}", path) from None
+            rows.append(parse_json(line))
+        except ValueError as exc:
+            raise DataError(f"malformed {what} at line {lineno}: {str(exc).split(' at line ')[0]}", path) from None
     return rows
+
+
+def check_keys(row: dict[str, Any], allowed: tuple[str, ...] | set[str], where: str, path: str | Path) -> None:
+    """Refuse keys a format does not define (a misspelled 'targte' would otherwise be ignored)."""
+    unknown = sorted(set(row) - set(allowed))
+    if unknown:
+        raise DataError(f"{where}: unknown key {unknown[0]!r} (expected keys: {', '.join(allowed)})", path)
