@@ -45,13 +45,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
+        if exc.errno is None:   # numpy's short write on a full disk: "N requested and M written"
+            raise OSError(errno.EIO, f"writing failed, is the disk full? ({_first_line(exc)})", str(path)) from None
         if exc.filename is None:   # name the file the user asked for, not our temporary
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
-    except RuntimeError as exc:
+    except Exception as exc:
         tmp_path.unlink(missing_ok=True)
-        if _is_write_failure(exc):  # torch's serializer on a full disk ("enforce fail ... unexpected pos")
-            raise OSError(errno.ENOSPC, f"writing failed, is the disk full? ({_first_line(exc)})", str(path)) from None
+        code = _write_failure(exc)
+        if code is not None:   # torch's serializer ("enforce fail ... unexpected pos"), safetensors' I/O error
+            reason = os.strerror(code) if code != errno.EIO else "writing failed, is the disk full?"
+            raise OSError(code, f"{reason} ({_first_line(exc)})", str(path)) from None
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -64,10 +68,17 @@ def _first_line(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def _is_write_failure(exc: BaseException) -> bool:
+def _write_failure(exc: BaseException) -> int | None:
+    """The errno of a library's failed write that is not an OSError, or None if it is not one."""
+    import re
+
     text = str(exc)
-    return any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "file write failed",
-                                   "No space left", "inline_container"))
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return int(found.group(1))
+    if any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "file write failed", "inline_container")):
+        return errno.EIO
+    return None
 
 
 def sha256_file(path: str | Path) -> str:
