@@ -231,7 +231,8 @@ def _check_field(name: str, value: Any, rule: Rule) -> None:
 def _check_finite(node: Any, where: str) -> None:
     """NaN and infinity anywhere (method and encoder options included) are refused by name."""
     if isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(f"config field '{where}' must be a finite number, found {node}")
+        shown = where if where.startswith("stages[") else f"'{where}'"
+        raise ConfigError(f"config field {shown} must be a finite number, found {node}")
     if isinstance(node, dict):
         for k, v in node.items():
             _check_finite(v, f"{where}.{k}" if where else str(k))
