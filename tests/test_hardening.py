@@ -89,6 +89,15 @@ def test_exif_orientation_is_applied_where_images_are_decoded(tmp_path):
     q = [searcher.query_vectors([searcher.reference(str(gallery / n)).image], ["a red band"])
          for n in ("phone.jpg", "upright.png")]
     assert np.array_equal(q[0], q[1])
+    # thumbnails (the service's) show the same upright picture
+    pytest.importorskip("fastapi")
+    from composed_retrieval.service.app import ThumbnailCache
+
+    thumbs = ThumbnailCache(40, 4, 10**8)
+    shown = [np.asarray(Image.open(io.BytesIO(thumbs.get(gallery / n))).convert("RGB"), dtype=np.float32)
+             for n in ("phone.jpg", "upright.png")]
+    assert shown[0].shape[:2] == (40, 24) and shown[0].shape == shown[1].shape
+    assert np.abs(shown[0] - shown[1]).mean() < 8
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -465,3 +474,11 @@ def test_more_extensions_are_indexed_or_listed_as_skipped(tmp_path, capsys):
     assert re.search(r"^skipped phone\.heic: .*cannot decode \.heic files", out, re.M), out
     indexed = {it["name"] for it in json.loads(next((tmp_path / "idx").glob("items-*.json")).read_text())}
     assert indexed == expected
+
+
+def test_hardening_case_count_is_reported():
+    """Bad-input cases this file (and test_index's batch test) adds to test_bad_input.py's
+    (printed with -s; docs/reliability.md quotes both counts)."""
+    count = (len(_generated_cases()) + 5 + 5 + 3 + 6 + 8 + 3 + 3 + 1 + 5 + 2 + 2 + 3 + 1 + 2)
+    print(f"hardening bad-input cases: {count}")
+    assert count >= 130 and len(_generated_cases()) >= 2 * len(FIELDS)

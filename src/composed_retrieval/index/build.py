@@ -197,7 +197,9 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
 
     ranks = distributed.current()
     partial = PartialBuild(out, tag=f"r{ranks.rank}" if ranks.active else "")
-    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve())})
+    # the weights' hash too: chunks embedded by a model since retrained at the same path are stale
+    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve()),
+                        "model_weights_sha256": model_fingerprint(model)})
     hashes, skipped = _hash_all(_shard(files, ranks), progress)
 
     # what is already known: the old index, then chunks of an interrupted run (newer wins)

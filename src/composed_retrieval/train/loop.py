@@ -29,7 +29,7 @@ from .sources import FeatureTable, PixelSource, encode_with
 
 
 #: written into every run folder the toolkit creates; best/ and last/ are only replaced there
-RUN_MARKER = ".cir-run"
+RUN_MARKER = "cir-run.json"
 
 
 def resolve_device(name: str) -> torch.device:
