@@ -326,10 +326,10 @@ def test_empty_user_jsonl_nan_override_and_deep_json_are_one_line(tmp_path, caps
     deep = tmp_path / "deep.json"
     deep.write_text('{"method_config": ' + "[" * 100_000 + "]" * 100_000 + "}")
     fails_in_one_line(["train", "--config", str(deep), "--root", str(synth_tiny), "--out", str(tmp_path / "r")],
-                      capsys, r"nested deeper than", str(deep))
+                      capsys, r"nested too deeply", str(deep))
     deep_line = tmp_path / "deep.jsonl"
     deep_line.write_text("[" * 50_000 + "]" * 50_000 + "\n")
-    with pytest.raises(DataError, match="line 1: nested deeper"):
+    with pytest.raises(DataError, match="line 1: nested too deeply"):
         read_jsonl(deep_line)
 
 

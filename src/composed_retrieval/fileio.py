@@ -11,10 +11,6 @@ from typing import Any, Callable
 
 from .errors import DataError
 
-#: JSON nested deeper than this is refused (Python's parser would hit its recursion limit)
-MAX_JSON_DEPTH = 200
-
-
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (threads may be writing)."""
     try:
@@ -127,25 +123,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Cheap upper bound of the nesting depth (brackets inside strings count too: conservative)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
-
 def parse_json(text: str) -> Any:
-    """Strict JSON: duplicate keys and too-deep nesting raise ValueError with the reason."""
-    if _too_deep(text):
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    """Strict JSON: duplicate keys and nesting past the interpreter's recursion limit raise
+    ValueError with the reason (a pre-scan of the depth would cost as much as the parse)."""
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:
@@ -153,7 +133,7 @@ def parse_json(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise ValueError("nested too deeply (past the parser's recursion limit)") from None
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
