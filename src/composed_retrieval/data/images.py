@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -42,10 +43,26 @@ def detect_extension(folder: Path, stems: Sequence[str]) -> str | None:
     return None
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
+def decode_cost(im: Image.Image) -> int:
+    """Bytes a decode of ``im`` (header read, not decoded) may hold at its peak: the decoded
+    pixels plus one converted copy, at least 3 bytes a pixel (RGB)."""
+    w, h = im.size
+    per_pixel = max(3, len(im.getbands()) * (2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1))
+    return 2 * w * h * per_pixel
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, *, reduce_to: int | None = None,
+               gate: Callable[[int], ContextManager] | None = None,
                background: tuple[int, int, int] | None = None) -> Image.Image:
     """Open an image as upright RGB (EXIF orientation applied, alpha composited on
-    ``background``), or raise a one-line DataError naming the file and the problem."""
+    ``background``, default ``ALPHA_BACKGROUND``), or raise a one-line DataError naming the file
+    and the problem.
+
+    ``reduce_to``: a consumer that needs no more than this many pixels on the short side lets
+    JPEG decode at 1/2, 1/4 or 1/8 scale (``draft``) and box-reduces any other format right after
+    decoding, always keeping the short side >= ``reduce_to``. ``gate(cost)``: a context held
+    around the decode with its :func:`decode_cost` (the service's memory budget).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file not found", path)
@@ -56,8 +73,18 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
                 w, h = im.size
                 if w * h > max_pixels:
                     raise DataError(f"image is {w}x{h} pixels, above the limit of {max_pixels}", path)
-                im.load()
-                return upright_rgb(im, background)
+                orientation = exif_orientation(im)   # read before draft/reduce, which drop it
+                bg = ALPHA_BACKGROUND if background is None else tuple(background)
+                if reduce_to and im.format == "JPEG":
+                    im.draft("RGB", (reduce_to, reduce_to))
+                with gate(decode_cost(im)) if gate else nullcontext():
+                    im.load()
+                    factor = min(im.size) // reduce_to if reduce_to else 1
+                    if factor < 2:
+                        return _orient(_to_rgb(im, bg), orientation)
+                    if im.mode in ("RGB", "RGBA", "L", "LA"):  # reduce averages these correctly
+                        return _orient(_to_rgb(im.reduce(factor), bg), orientation)
+                    return _orient(_to_rgb(im, bg).reduce(factor), orientation)   # palette, 16-bit, CMYK: convert first
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -76,11 +103,12 @@ def upright_rgb(im: Image.Image, background: tuple[int, int, int] | None = None)
     (a phone JPEG with Orientation=6 is stored sideways) and every mode made RGB, alpha on
     ``background`` (default ``ALPHA_BACKGROUND``). Decoders other than ``load_image`` (a fast
     JPEG path) call this, or ``orient_array`` on their array, so all paths agree."""
-    orientation = exif_orientation(im)
-    rgb = _to_rgb(im, ALPHA_BACKGROUND if background is None else tuple(background))
-    if orientation in _TRANSPOSE:
-        rgb = rgb.transpose(_TRANSPOSE[orientation])
-    return rgb
+    return _orient(_to_rgb(im, ALPHA_BACKGROUND if background is None else tuple(background)),
+                   exif_orientation(im))
+
+
+def _orient(rgb: Image.Image, orientation: int) -> Image.Image:
+    return rgb.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else rgb
 
 
 def exif_orientation(im: Image.Image) -> int:
