@@ -77,6 +77,7 @@ def test_exif_orientation_is_applied_where_images_are_decoded(tmp_path):
     Image.fromarray(stored).save(gallery / "unrotated.png")         # what was indexed before
     im = load_image(gallery / "phone.jpg")
     assert im.size == (48, 80) and np.array_equal(np.asarray(im), upright)
+    assert load_image(gallery / "phone.jpg", reduce_to=20).size == (24, 40)    # reduced decodes too
 
     # indexing: the phone JPEG gets exactly the vector of its upright copy
     model, method = saved_model(tmp_path / "model")
