@@ -4,13 +4,14 @@ Plain 8-bit RGB/greyscale JPEGs are decoded by simplejpeg (libjpeg-turbo, the de
 wraps too: same pixels, ~2x faster here), plain 8-bit RGB/greyscale PNGs by
 ``torchvision.io.decode_png``. Every other file goes to :func:`data.images.load_image`, the
 Pillow path, so its rules stay the only ones for everything unusual: alpha and palettes, 16-bit,
-CMYK, EXIF-rotated JPEGs, PNG transparency keys and eXIf chunks, size limits, and the one-line
-error of a corrupt file. Only the file's header bytes are read to decide.
+CMYK, PNG transparency keys and eXIf chunks, size limits, and the one-line error of a corrupt
+file. Only the file's header bytes are read to decide.
 
 EXIF orientation is read from the JPEG's APP1 segment without decoding (:func:`jpeg_orientation`);
 :func:`orient` is its tensor counterpart of ``PIL.ImageOps.exif_transpose`` (pinned by a test).
-Images with an orientation other than 1 take the Pillow path for as long as ``load_image`` is
-the one that defines whether orientation is applied (``ORIENT_ON_TENSOR``).
+``load_image`` turns EXIF-rotated images upright, so the fast path does the same on the tensor
+(``ORIENT_ON_TENSOR``; False hands such JPEGs to Pillow instead). tests/test_fast_decode.py
+checks both paths give identical pixels, a rotated JPEG included.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from .images import MAX_IMAGE_PIXELS, load_image
 
 #: apply EXIF orientation to the decoded tensor (True) or hand such JPEGs to Pillow (False)
-ORIENT_ON_TENSOR = False
+ORIENT_ON_TENSOR = True
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
