@@ -26,6 +26,7 @@ from ..data.images import load_image
 from ..errors import CIRError, DataError
 from ..index.search import Reference, Searcher, UnknownImage, UnsafeName
 from .guard import RequestGuard
+from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, metered
 
 STATIC = Path(__file__).parent / "static"
 
@@ -93,8 +94,11 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
     thumbs = ThumbnailCache(limits.thumbnail_px, limits.thumbnail_cache, limits.max_image_pixels)
     app = FastAPI(title="composed-retrieval search",
                   description="Search a gallery with a reference image and a modification text.")
-    app.add_middleware(RequestGuard, max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
-                       timeout_s=limits.request_timeout_s, max_body_bytes=limits.max_upload_bytes + 64 * 1024)
+    metrics = Metrics()
+    app.add_middleware(metered(RequestGuard, metrics), max_concurrent=limits.max_concurrent,
+                       max_queued=limits.max_queued, timeout_s=limits.request_timeout_s,
+                       max_body_bytes=limits.max_upload_bytes + 64 * 1024, exempt=("/healthz", "/metrics"))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)   # outermost: sees the guard's answers too
 
     # ---- errors: one line of JSON, never a traceback -----------------------------------
     @app.exception_handler(RequestValidationError)
@@ -134,9 +138,13 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/healthz", summary="Liveness and index facts")
     def healthz() -> dict:
-        meta = searcher.index.data.meta
+        meta = searcher.index.meta
         return {"status": "ok", "images": len(searcher.index), "engine": meta.get("kind"),
                 "method": meta.get("method"), "dim": searcher.index.dim}
+
+    @app.get("/metrics", summary="Prometheus metrics (requests, latency, in flight, queued)")
+    def metrics_page() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/gallery", summary="Names of gallery images, a page at a time")
     def gallery(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1)) -> dict:
