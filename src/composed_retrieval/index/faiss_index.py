@@ -211,11 +211,12 @@ def _add_chunk(index: faiss.Index, block: np.ndarray) -> None:
     index.add(block)
 
 
-def add_vectors(index: faiss.Index, vectors: Any, chunk: int = ADD_CHUNK,
+def add_vectors(index: faiss.Index, vectors: Any, chunk: int | None = None,
                 on_chunk: Callable[[int], None] | None = None) -> faiss.Index:
-    """Add the rows of ``vectors`` (any [N, d] array, e.g. a memory-mapped file) ``chunk`` at a
-    time, converted to float32 one chunk at a time."""
+    """Add the rows of ``vectors`` (any [N, d] array, e.g. a memory-mapped file) ``chunk``
+    (default ADD_CHUNK) at a time, converted to float32 one chunk at a time."""
     n = vectors.shape[0]
+    chunk = int(chunk or ADD_CHUNK)
     for lo in range(0, n, chunk):
         _add_chunk(index, _as_matrix(vectors[lo:lo + chunk]))
         if on_chunk is not None:

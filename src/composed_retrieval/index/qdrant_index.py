@@ -16,6 +16,7 @@ process at a time; what the tests use), or ``:memory:``.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import uuid
@@ -60,6 +61,8 @@ def connect(location: str) -> Any:
     process (local mode allows one client per folder; ``:memory:`` lives in its client)."""
     from qdrant_client import QdrantClient
     key = _location_key(location)
+    if not _clients:
+        atexit.register(_close_all)
     if key not in _clients:
         if key == ":memory:":
             _clients[key] = QdrantClient(location=":memory:")
@@ -74,6 +77,11 @@ def connect(location: str) -> Any:
                                   f"({str(exc).splitlines()[0][:160]}); local mode serves one "
                                   f"process: run a Qdrant server for several") from None
     return _clients[key]
+
+
+def _close_all() -> None:
+    for key in list(_clients):
+        close(key)
 
 
 def close(location: str) -> None:
@@ -297,8 +305,9 @@ class QdrantIndex:
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Exclusion] | None = None) -> list[list[Hit]]:
         from qdrant_client import models
-        params = models.SearchParams(hnsw_ef=self.hnsw_ef, quantization=models.QuantizationSearchParams(
-            rescore=True, oversampling=2.0) if self.quantized else None)
+        params = None if _is_local(self.location) else models.SearchParams(   # local mode: exact anyway
+            hnsw_ef=self.hnsw_ef, quantization=models.QuantizationSearchParams(
+                rescore=True, oversampling=2.0) if self.quantized else None)
         requests = []
         for i, q in enumerate(np.asarray(queries, dtype=np.float32)):
             name, sha = exclude[i] if exclude else (None, None)

@@ -26,12 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting for a free slot; more are answered 429 (default 64)")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds before an unanswered request gets 503, queueing included (default 30)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing one memory-mapped index (default 1)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .app import Limits, create_app
-    from ..index.search import Searcher
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queued < 0:
@@ -40,15 +40,28 @@ def run_serve(args: argparse.Namespace) -> int:
                  "request_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        from ..index.search import open_index
+        from .workers import serve_workers
+        return serve_workers(args, lambda: open_index(args.index, verify=True))
     import uvicorn
+    app, searcher = build_app(args)
+    print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
+          f"(API docs at /docs); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def build_app(args: argparse.Namespace, verify: bool = True):
+    """The app and searcher for ``cir serve``'s arguments (each worker of --workers builds its own)."""
+    from .app import Limits, create_app
+    from ..index.search import Searcher
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
                     max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
                     request_timeout_s=args.request_timeout)
     searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
-                             max_pixels=limits.max_image_pixels)
-    app = create_app(searcher, limits)
-    print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs); Ctrl-C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+                             max_pixels=limits.max_image_pixels, verify=verify)
+    return create_app(searcher, limits), searcher

@@ -1,0 +1,49 @@
+"""`cir serve --workers N`: several uvicorn worker processes over one memory-mapped index.
+
+The parent checks the index once (manifest, engine file hash, that the collection exists) and
+starts N workers (uvicorn's own process manager); each worker opens the same index folder
+memory-mapped without re-hashing it, so the vectors and the engine's codes sit once in the page
+cache however many workers read them. Only the model is loaded per worker. Prometheus metrics
+use the multi-process mode (a fresh directory in ``PROMETHEUS_MULTIPROC_DIR``), so any worker's
+``/metrics`` reports the whole server. Qdrant's embedded local mode serves one process; with a
+Qdrant server every worker opens its own client.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+from ..errors import ConfigError
+
+ENV = "CIR_SERVE_ARGS"
+
+
+def app_from_env() -> Any:
+    """uvicorn factory, run in each worker: the app for the arguments the parent passed."""
+    from .commands import build_app
+    args = argparse.Namespace(**json.loads(os.environ[ENV]))
+    return build_app(args, verify=False)[0]
+
+
+def serve_workers(args: argparse.Namespace, check: Callable[[], Any]) -> int:
+    """Check the index once (``check``), then serve it with ``args.workers`` processes."""
+    import uvicorn
+    index = check()
+    if index.meta.get("backend") == "qdrant" and not str(index.meta.get("qdrant")).startswith(("http://", "https://")):
+        raise ConfigError("a Qdrant local-mode folder serves one process: use --workers 1, or a "
+                          "Qdrant server (--qdrant http://...) for several workers")
+    metrics_dir = tempfile.mkdtemp(prefix="cir-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[ENV] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
+    print(f"serving {len(index)} images with {args.workers} worker processes at "
+          f"http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics); Ctrl-C stops")
+    try:
+        uvicorn.run("composed_retrieval.service.workers:app_from_env", factory=True, host=args.host,
+                    port=args.port, workers=args.workers, log_level="info")
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
