@@ -168,6 +168,8 @@ def new_engine(kind: str, d: int, params: dict[str, Any], seed: int = 0) -> fais
         raise ConfigError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS[1:])}")
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
+    if kind == "opq-ivfpq":     # 20 rotation updates instead of FAISS' 50: most of the gain, 2.5x faster
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = 20
     if kind in PQ_KINDS:
         ivf.pq.cp.seed = seed
         ivf.pq.cp.min_points_per_centroid = 1     # small galleries: no warning per sub-quantiser
