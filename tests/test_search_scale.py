@@ -207,3 +207,29 @@ def test_serve_with_two_workers_shares_the_index_and_sums_metrics(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_cli_max_memory_picks_a_pq_index_and_add_keeps_it(tmp_path, capsys):
+    from composed_retrieval.cli import main
+    from test_index import write_image
+    gallery = tmp_path / "gallery"
+    make_gallery(gallery, n=40)
+    model, _ = saved_model(tmp_path / "model")
+    base = ["--quiet", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["index", "--gallery", str(gallery), "--model", str(model), "--out", str(tmp_path / "bad"),
+              "--max-memory", "lots"] + base)
+    assert exit_.value.code == 2
+    assert "--max-memory must be a size" in capsys.readouterr().err
+    budget = 40 * 32 * 4 - 100                    # just below what exact search needs
+    assert main(["index", "--gallery", str(gallery), "--model", str(model), "--out", str(tmp_path / "idx"),
+                 "--max-memory", str(budget)] + base) == 0
+    expected_kind, expected = faiss_index.plan(40, 32, "auto", budget)
+    data = read_index(tmp_path / "idx")
+    assert data.kind == expected_kind and data.kind in faiss_index.PQ_KINDS
+    assert data.meta["params"]["m"] == expected["m"] and data.meta["max_memory"] == budget
+    assert "recall@10 vs exact" in capsys.readouterr().out
+    write_image(gallery / "new.png", seed=77)
+    assert main(["index", "--add", "--out", str(tmp_path / "idx")] + base) == 0
+    after = read_index(tmp_path / "idx")
+    assert len(after.names) == 41 and after.kind == data.kind and after.meta["params"]["m"] == expected["m"]

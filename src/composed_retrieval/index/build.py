@@ -179,6 +179,11 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                 raise ConfigError(f"--{what} {given} differs from the {what} {stored} this index was "
                                   f"built with; build a new index with --out elsewhere", out)
         kind = kind or old.meta.get("kind_requested", "auto")
+        # keep the budget and the PQ code size the index was built with
+        max_memory = max_memory if max_memory is not None else old.meta.get("max_memory")
+        if old.kind in faiss_index.PQ_KINDS and "m" in (old.meta.get("params") or {}) and "m" not in (params or {}) \
+                and kind in (old.kind, old.meta.get("kind_requested")) and old.meta.get("max_memory") is None:
+            params = {**(params or {}), "m": old.meta["params"]["m"]}
     elif add:
         raise ConfigError("no index to add to (run `cir index` without --add first)", out)
     if gallery is None or model is None:
