@@ -20,7 +20,9 @@ need ~26-28 GB and do not fit a 24 GiB machine, which is the point of the compre
     python benchmarks/search_scale.py --sizes 1000000,10000000 --dims 256,640 \\
         --workdir /data/scratch --out search_scale.jsonl                  # the docs' table
 
-Disk needed at 10M x 640: ~26 GB float32 + 13 GB float16 + engines; files are deleted after
+Time: on 2 cores the 10M runs take hours (IVF training and assignment to ~12,600 lists, and
+HNSW's build at 10M x 256 most of all; leave it out with --kinds flat,ivf,ivfpq,opq-ivfpq, or
+lower --nlist). Disk needed at 10M x 640: ~26 GB float32 + 13 GB float16 + engines; files are deleted after
 each (size, dim) unless --keep. Build time uses --build-threads (default all cores); queries one
 thread. The last lines print each kind's p50 as ``ratio:`` against exact search and the 100M
 extrapolation (bytes/vector x 1e8, centroids added) for disk and RAM.
@@ -169,6 +171,9 @@ def run_kind(kind: str, work: Path, f32: np.memmap, f16: np.memmap, queries: np.
         return faiss_index.search_reranked(engine, stored, q, k, rerank)
 
     count = args.flat_queries if kind == "flat" else len(queries)
+    if kind == "flat" and vectors_file.stat().st_size > args.ram_limit:
+        count = min(count, 10)      # every query reads the whole file from disk: a few suffice
+        row["note"] = "vectors file larger than --ram-limit: exact search reads it from disk per query"
     if kind in faiss_index.IVF_KINDS:       # smallest nprobe of the ladder that reaches the target
         ivf = faiss.extract_index_ivf(engine)
         nprobe, tune_q = 1, queries[: min(200, len(queries))]
