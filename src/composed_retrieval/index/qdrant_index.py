@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import atomic_write_json
-from .search import Exclusion, Hit, model_fingerprint
+from .hits import Exclusion, Hit, model_fingerprint
 from .store import FORMAT, META, index_exists, read_meta, resolve_stored, stored_path
 
 UPSERT_BATCH = 256           # points per upsert request

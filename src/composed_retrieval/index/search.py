@@ -27,6 +27,7 @@ from ..data.images import MAX_IMAGE_PIXELS, load_image
 from ..errors import CheckpointError, DataError
 from ..methods.base import CIRMethod
 from . import faiss_index
+from .hits import Exclusion, Hit, model_fingerprint  # noqa: F401 (re-exported)
 from .store import IndexData, read_index, read_meta, sha256_file
 
 
@@ -39,26 +40,12 @@ class UnknownImage(DataError):
 
 
 @dataclass
-class Hit:
-    rank: int
-    name: str
-    score: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "name": self.name, "score": round(self.score, 6)}
-
-
-@dataclass
 class Reference:
     """A query's reference image: the decoded image plus what identifies it in the gallery."""
 
     image: Image.Image
     name: str | None = None        # gallery name, when the reference is a gallery image
     sha256: str | None = None      # content hash, to leave an identical gallery file out
-
-
-#: what a query leaves out: the reference's gallery name and/or content hash
-Exclusion = tuple[str | None, str | None]
 
 
 class VectorIndex(Protocol):
@@ -261,15 +248,6 @@ class Searcher:
 
     def search(self, ref: Reference, text: str, k: int = 10) -> list[Hit]:
         return self.search_many([ref], [text], k)[0]
-
-
-def model_fingerprint(model: str | Path) -> str | None:
-    """The weights hash a checkpoint records, if any (to notice a retrained model later)."""
-    try:
-        from ..train.checkpoint import read_checkpoint_meta, resolve_checkpoint
-        return read_checkpoint_meta(resolve_checkpoint(model)).get("weights_sha256")
-    except Exception:  # no checkpoint module or no hash: nothing to compare against
-        return None
 
 
 def _check_fingerprint(model: Path, expected: str | None, folder: Path) -> None:

@@ -45,7 +45,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from ..index.search import open_index
         from .workers import serve_workers
-        return serve_workers(args, lambda: open_index(args.index, verify=True))
+        return serve_workers(args, lambda: open_index(args.index, verify=True),
+                             "composed_retrieval.service.commands:app_from_env")
     import uvicorn
     app, searcher = build_app(args)
     print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
@@ -65,3 +66,11 @@ def build_app(args: argparse.Namespace, verify: bool = True):
     searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
                              max_pixels=limits.max_image_pixels, verify=verify)
     return create_app(searcher, limits), searcher
+
+
+def app_from_env():
+    """uvicorn factory, run in each worker of --workers: the app for the parent's arguments."""
+    import json
+    import os
+    from .workers import ENV
+    return build_app(argparse.Namespace(**json.loads(os.environ[ENV])), verify=False)[0]

@@ -22,15 +22,9 @@ from ..errors import ConfigError
 ENV = "CIR_SERVE_ARGS"
 
 
-def app_from_env() -> Any:
-    """uvicorn factory, run in each worker: the app for the arguments the parent passed."""
-    from .commands import build_app
-    args = argparse.Namespace(**json.loads(os.environ[ENV]))
-    return build_app(args, verify=False)[0]
-
-
-def serve_workers(args: argparse.Namespace, check: Callable[[], Any]) -> int:
-    """Check the index once (``check``), then serve it with ``args.workers`` processes."""
+def serve_workers(args: argparse.Namespace, check: Callable[[], Any], factory: str) -> int:
+    """Check the index once (``check``), then serve it with ``args.workers`` processes, each
+    building its app with ``factory`` ("module:function", reading the arguments from $ENV)."""
     import uvicorn
     index = check()
     if index.meta.get("backend") == "qdrant" and not str(index.meta.get("qdrant")).startswith(("http://", "https://")):
@@ -42,7 +36,7 @@ def serve_workers(args: argparse.Namespace, check: Callable[[], Any]) -> int:
     print(f"serving {len(index)} images with {args.workers} worker processes at "
           f"http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics); Ctrl-C stops")
     try:
-        uvicorn.run("composed_retrieval.service.workers:app_from_env", factory=True, host=args.host,
+        uvicorn.run(factory, factory=True, host=args.host,
                     port=args.port, workers=args.workers, log_level="info")
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
