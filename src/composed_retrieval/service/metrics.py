@@ -91,14 +91,20 @@ def metered(guard_class: type, metrics: Metrics) -> type:
     """``guard_class`` (service/guard.py's RequestGuard) whose queue length is a gauge: its
     ``waiting`` counter, made a property that mirrors every change into ``metrics.queued``."""
 
+    base = getattr(guard_class, "waiting", None)
+    inherited = base if isinstance(base, property) else None
+
     class MeteredGuard(guard_class):  # type: ignore[misc, valid-type]
         @property
         def waiting(self) -> int:
-            return self.__dict__.get("_waiting", 0)
+            return inherited.fget(self) if inherited else self.__dict__.get("_waiting", 0)
 
         @waiting.setter
         def waiting(self, value: int) -> None:
-            self.__dict__["_waiting"] = value
+            if inherited:
+                inherited.fset(self, value)
+            else:
+                self.__dict__["_waiting"] = value
             metrics.queued.set(value)
 
     return MeteredGuard

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 ENV = "CIR_SERVE_ARGS"
 
 
-def serve_workers(args: argparse.Namespace, check: Callable[[], Any], factory: str) -> int:
+def serve_workers(args: argparse.Namespace, check: Callable[[], Any], factory: str, **uvicorn_options: Any) -> int:
     """Check the index once (``check``), then serve it with ``args.workers`` processes, each
     building its app with ``factory`` ("module:function", reading the arguments from $ENV)."""
     import uvicorn
@@ -34,10 +34,10 @@ def serve_workers(args: argparse.Namespace, check: Callable[[], Any], factory: s
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[ENV] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
     print(f"serving {len(index)} images with {args.workers} worker processes at "
-          f"http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics); Ctrl-C stops")
+          f"http://{args.host}:{args.port}/ (API description at /openapi.json, metrics at /metrics); Ctrl-C stops")
     try:
         uvicorn.run(factory, factory=True, host=args.host,
-                    port=args.port, workers=args.workers, log_level="info")
+                    port=args.port, workers=args.workers, log_level="info", **uvicorn_options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
