@@ -130,7 +130,7 @@ class _Paths:
     def __init__(self, searcher: Searcher) -> None:
         folders = {str(searcher.gallery), str(searcher.gallery_real)}
         self.gallery = sorted((f.rstrip("/") + "/" for f in folders), key=len, reverse=True)
-        index_folder = getattr(searcher.index.data, "folder", None)
+        index_folder = getattr(searcher.index, "folder", None)
         self.others = [str(p) for p in (index_folder, tempfile.gettempdir()) if p]
 
     def scrub(self, text: str) -> str:
