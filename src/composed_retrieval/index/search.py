@@ -116,14 +116,16 @@ class Searcher:
     def open(cls, index_dir: str | Path, model: str | Path | None = None, gallery: str | Path | None = None,
              device: str = "cpu", search_params: dict[str, Any] | None = None,
              method: CIRMethod | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> "Searcher":
-        """Load the index and its model (``model`` overrides the stored reference)."""
+        """Load the index and its model (``model``, a run folder or a ModelSpec, overrides the
+        stored one)."""
         index = GalleryIndex.open(index_dir, search_params)
         data = index.data
         if method is None:
-            from ..train.checkpoint import load_method
-            model_path = Path(model) if model is not None else data.model_path()
-            _check_fingerprint(model_path, data.meta.get("model_weights_sha256"), data.folder)
-            method = load_method(model_path, device=device)
+            from ..train.models import load_model, parse_source
+            source = parse_source(model) if model is not None else stored_model(data)
+            if isinstance(source, Path):
+                _check_fingerprint(source, data.meta.get("model_weights_sha256"), data.folder)
+            method = load_model(source, device=device)
         gallery_path = Path(gallery) if gallery is not None else data.gallery_path()
         if not gallery_path.is_dir():
             raise DataError("gallery folder of this index not found (pass --gallery)", gallery_path)
@@ -200,6 +202,24 @@ class Searcher:
 
     def search(self, ref: Reference, text: str, k: int = 10) -> list[Hit]:
         return self.search_many([ref], [text], k)[0]
+
+
+def stored_model(data: IndexData) -> Any:
+    """The model an index was built with: its run folder (a Path) or its ModelSpec."""
+    if data.meta.get("model_spec"):
+        from ..train.models import ModelSpec
+        return ModelSpec.from_json(data.meta["model_spec"])
+    return data.model_path()
+
+
+def model_key(model: Any) -> str:
+    """A comparable name for a model source: a resolved folder path, or the spec as JSON."""
+    from ..train.models import parse_source
+    import json
+    parsed = parse_source(model)
+    if isinstance(parsed, Path):
+        return str(parsed.resolve())
+    return json.dumps(parsed.to_json(), sort_keys=True)
 
 
 def model_fingerprint(model: str | Path) -> str | None:

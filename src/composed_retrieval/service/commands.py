@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder made by `cir index`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", help="use this model instead of the one stored in the index")
+    from ..train.models import add_model_options
+    add_model_options(p, run_flag="--model", required=False,
+                      run_help="use this run folder instead of the model stored in the index")
     p.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .app import Limits, create_app
+    from ..index.commands import model_source
     from ..index.search import Searcher
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
@@ -45,7 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
                     max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
                     request_timeout_s=args.request_timeout)
-    searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
+    searcher = Searcher.open(args.index, model=model_source(args), gallery=args.gallery, device=args.device,
                              max_pixels=limits.max_image_pixels)
     app = create_app(searcher, limits)
     print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
