@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    encoder = build_encoder(args.model, checkpoint=args.checkpoint).to(device).eval()
+    encoder = build_encoder(args.model, checkpoint=args.checkpoint, random_weights=args.checkpoint is None).to(device).eval()
     transform = encoder.image_transform("targetpad")
     width, height = (int(v) for v in args.image_px.lower().split("x"))
     workers = default_num_workers(device) if args.workers is None else args.workers

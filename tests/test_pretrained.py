@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from cli_run import run_main
 from pretrained_fixtures import (OPEN_CLIP_PREPROCESS, clip_tokenizer, write_hf_clip, write_hf_siglip,
-                                 write_open_clip_file, write_open_clip_folder)
+                                 write_open_clip_folder)
 
 from composed_retrieval.encoders.registry import build_encoder
 from composed_retrieval.errors import CheckpointError, ConfigError
@@ -179,24 +179,6 @@ def test_cir_eval_and_index_with_an_hf_clip_folder(hf_clip_dir, synth_tiny, tmp_
     top = res["results"][0]
     row = torch.from_numpy(data.vectors[data.names.index(top["name"])]).float()
     assert abs(float(q[0] @ row) - top["score"]) < 1e-4
-
-
-def test_cir_eval_with_a_random_weight_open_clip_file(synth_tiny, tmp_path, capsys):
-    ckpt = write_open_clip_file(tmp_path / "vit-s-32.safetensors")
-    out = _json(["eval", "--encoder", "open_clip:ViT-S-32", "--encoder-checkpoint", str(ckpt), "--method", "sum",
-                 "--dataset", "cirr", "--root", str(synth_tiny), "--device", "cpu", "--quiet"], capsys)
-    assert {"recall@1", "recall_subset@1"} <= set(out) and out["gallery"]["reference_removed"] is True
-    assert out["model"]["encoder"]["checkpoint"] == str(ckpt.resolve())
-    import shutil
-    small = tmp_path / "gallery"                       # a few images keep ViT-S/32 on CPU quick
-    small.mkdir()
-    for p in sorted((synth_tiny / "dev").iterdir())[:4]:
-        shutil.copy(p, small / p.name)
-    code, _, err = run_main(["index", "--gallery", str(small), "--encoder", "open_clip:ViT-S-32",
-                             "--encoder-checkpoint", str(ckpt), "--out", str(tmp_path / "idx"), "--quiet"], capsys)
-    assert code == 0, err
-    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["model_spec"]["encoder_checkpoint"] == str(ckpt.resolve()) and meta["method"] == "sum"
 
 
 def test_spec_option_errors_are_one_line(hf_clip_dir, synth_tiny, capsys):

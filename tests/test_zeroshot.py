@@ -29,7 +29,7 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return build_encoder("open_clip:ViT-B-32").eval()
+    return build_encoder("open_clip:ViT-B-32", random_weights=True).eval()
 
 
 def _transformer_input(encoder):
@@ -257,4 +257,5 @@ def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
     assert main(["zeroshot-eval", "--method", "image_only", "--dataset", "circo", "--root", str(tmp_path / "circo"),
                  "--device", "cpu", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == set(got) and 0.0 < printed["map@50"] <= 100.0
+    assert set(printed) == set(got) | {"model", "gallery"} and 0.0 < printed["map@50"] <= 100.0
+    assert printed["gallery"]["reference_removed"] is False and printed["model"]["encoder"]["name"] == "tiny"

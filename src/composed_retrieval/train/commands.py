@@ -147,19 +147,14 @@ class _EvalSetup:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.runner import describe_gallery, evaluate_method
-    from .models import describe_model
+    from .models import evaluate_loaded
 
     setup = _EvalSetup(args, "val")
     try:
-        method, splits, trainer, cfg = setup.method, setup.splits, setup.trainer, setup.cfg
-        if not splits[0].has_targets:
-            raise ConfigError(f"split {splits[0].split!r} has no targets; use `cir predict` for test splits")
-        tables = trainer.image_table(method, splits, splits[0].split)
-        metrics = evaluate_method(method, splits, tables, cfg["eval_batch_size"], trainer.device)
+        result = evaluate_loaded(setup.method, setup.splits, setup.trainer, setup.cfg)
     finally:
         setup.close()
-    print(json.dumps({**metrics, "model": describe_model(method), "gallery": describe_gallery(splits)}, indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 

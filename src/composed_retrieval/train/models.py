@@ -121,6 +121,18 @@ def describe_model(method: CIRMethod) -> dict[str, Any]:
     }
 
 
+def evaluate_loaded(method: CIRMethod, splits: list[Any], trainer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of ``method`` on loaded splits plus the model and gallery they were measured on:
+    the one evaluation body of ``cir eval`` and the Python API."""
+    from ..evaluation.runner import describe_gallery, evaluate_method
+
+    if not splits[0].has_targets:
+        raise ConfigError(f"split {splits[0].split!r} has no targets; use `cir predict` for test splits")
+    tables = trainer.image_table(method, splits, splits[0].split)
+    metrics = evaluate_method(method, splits, tables, cfg["eval_batch_size"], trainer.device)
+    return {**metrics, "model": describe_model(method), "gallery": describe_gallery(splits)}
+
+
 # ---- command-line options -------------------------------------------------------------------
 def add_model_options(p: argparse.ArgumentParser, run_flag: str = "--run", required: bool = True,
                       run_help: str = "run folder or checkpoint folder", method_default: str | None = "sum") -> None:
