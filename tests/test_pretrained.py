@@ -74,6 +74,16 @@ def test_hf_clip_slot_injection_equals_the_word_it_replaces(hf_clip_dir):
     assert (injected - plain).abs().max() < 1e-5 and (other - plain).abs().max() > 1e-4
 
 
+def test_hf_clip_pads_like_open_clip_so_prompts_splice(hf_clip_dir):
+    """textual_inversion splices "a photo of $ that" before the caption at the id level."""
+    from composed_retrieval.methods.textual_inversion import splice_prompt
+
+    enc = build_encoder(f"hf_clip:{hf_clip_dir}")
+    ids = enc.tokenize(["is red", "a photo of $ that is red"])
+    assert int(ids[0, 3]) == 49407 and not ids[0, 4:].any()            # BOS is red EOS, then zeros
+    assert torch.equal(splice_prompt(enc, "a photo of $ that", ids[:1]), ids[1:])
+
+
 def test_hf_siglip_features_equal_transformers(siglip_dir):
     enc = build_encoder(f"hf_clip:{siglip_dir}").eval()
     pixels = torch.randn(2, 3, 32, 32)
@@ -271,3 +281,35 @@ def test_zeroshot_eval_with_an_imported_phi(layout, hf_clip_dir, synth_tiny, tmp
                  layout, "--dataset", "cirr", "--root", str(synth_tiny), "--device", "cpu", "--quiet"], capsys)
     assert {"recall@1", "recall_subset@1"} <= set(out)
     assert out["model"]["method"] == "textual_inversion" and out["model"]["phi"]["layout"] == layout
+
+
+def test_predict_and_search_take_a_spec_too(hf_clip_dir, synth_tiny, tmp_path, capsys):
+    sub = tmp_path / "sub"
+    out = _json(["predict", "--encoder", f"hf_clip:{hf_clip_dir}", "--root", str(synth_tiny), "--out", str(sub),
+                 "--device", "cpu", "--quiet"], capsys)
+    assert len(out["written"]) == 2 and out["model"]["method"] == "sum" and out["gallery"]["split"] == "test1"
+    code, _, err = run_main(["validate-submission", "--dataset", "cirr", "--root", str(synth_tiny), "--split", "test1",
+                             *out["written"]], capsys)
+    assert code == 0, err
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    import shutil
+    for p in sorted((synth_tiny / "dev").iterdir())[:6]:
+        shutil.copy(p, gallery / p.name)
+    idx = str(tmp_path / "idx")
+    assert run_main(["index", "--gallery", str(gallery), "--encoder", f"hf_clip:{hf_clip_dir}", "--method",
+                     "image_only", "--out", idx, "--quiet"], capsys)[0] == 0
+    first = sorted(p.name for p in gallery.iterdir())[0]
+    stored = _json(["search", "--index", idx, "--image", first, "--text", "make it blue", "--json"], capsys)
+    # image_only ignores the text; text_only ignores the image: the --encoder override is what ranks
+    other = _json(["search", "--index", idx, "--image", first, "--text", "make it blue", "--json",
+                   "--encoder", f"hf_clip:{hf_clip_dir}", "--method", "text_only"], capsys)
+    again = _json(["search", "--index", idx, "--image", sorted(p.name for p in gallery.iterdir())[1], "--text",
+                   "make it blue", "--json", "--encoder", f"hf_clip:{hf_clip_dir}", "--method", "text_only"], capsys)
+    assert [r["score"] for r in stored["results"]] != [r["score"] for r in other["results"]]
+    scores = lambda res: {r["name"]: r["score"] for r in res["results"]}  # noqa: E731
+    common = set(scores(other)) & set(scores(again))
+    assert common and all(abs(scores(other)[n] - scores(again)[n]) < 1e-5 for n in common)
+    code, _, err = run_main(["index", "--add", "--out", idx, "--encoder", f"hf_clip:{hf_clip_dir}", "--method", "sum",
+                             "--quiet"], capsys)
+    assert code == 2 and "differs from the model" in err

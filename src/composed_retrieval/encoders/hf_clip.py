@@ -15,7 +15,11 @@ Features (the same places as the open_clip backend):
 * text pooled: ``get_text_features`` on the padded ids (CLIP pools at the first EOS, SigLIP at
   the last position, as each was trained; no attention mask is passed, which is how SigLIP was
   trained and changes nothing for CLIP's causal tower at EOS). Text tokens: the final LayerNorm
-  output; the mask is True up to and including the first EOS.
+  output; the mask is True up to and including the first EOS. Deviation: CLIP ids are padded
+  with 0 after the EOS (open_clip's convention, which textual_inversion's prompt splicing
+  reads) instead of the tokenizer's pad id; the causal tower makes the features identical.
+  SigLIP keeps its tokenizer's padding (its pooled output depends on it), so textual
+  inversion is not available on SigLIP.
 * pseudo-words: a forward hook on the model's own token-embedding module replaces the word
   embedding at the "$" slot (``base.replace_slots``), so the rest is the model's unchanged code.
 
@@ -172,9 +176,13 @@ class HFCLIPEncoder(EncoderPair):
 
     # --- EncoderPair -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.context_length, return_tensors="pt")
-        return out["input_ids"].long()
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.context_length, return_tensors="pt")["input_ids"].long()
+        if self.model_type == "clip":
+            # CLIP's causal tower never sees what follows the end token, so padding is written
+            # as 0 as open_clip does: the prompt splicing of textual_inversion reads it that way
+            ids = ids.masked_fill(~self._text_mask(ids), 0)
+        return ids
 
     def image_transform(self, kind: str = "targetpad") -> Callable:
         return Preprocess(kind, self.image_size, **self._preprocess)
@@ -202,12 +210,15 @@ class HFCLIPEncoder(EncoderPair):
             if handle is not None:
                 handle.remove()
         pooled = m.text_projection(out.pooler_output) if self.model_type == "clip" else out.pooler_output
+        return Features(pooled, out.last_hidden_state, self._text_mask(token_ids))
+
+    def _text_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """True up to and including the first end token (the one the CLIP tower pools at)."""
         is_eos = (token_ids == token_ids.max(dim=1, keepdim=True).values) if self._eos_is_max \
             else token_ids == self._eos_id
         first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1),
                             torch.full_like(token_ids[:, 0], token_ids.shape[1] - 1))
-        mask = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :] <= first[:, None]
-        return Features(pooled, out.last_hidden_state, mask)
+        return torch.arange(token_ids.shape[1], device=token_ids.device)[None, :] <= first[:, None]
 
     def image_parameters(self) -> list[nn.Parameter]:
         params = list(self.model.vision_model.parameters())
