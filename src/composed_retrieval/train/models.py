@@ -173,6 +173,8 @@ def source_from_args(args: argparse.Namespace) -> Path | ModelSpec | None:
     if args.run:
         if args.encoder_checkpoint or args.random_weights:
             raise ConfigError(f"--encoder-checkpoint / --random-weights go with --encoder, not {flag}")
+        if args.method_config and not args.method:
+            raise ConfigError("--method-config needs --method (a run brings its own method and options)")
         return Path(args.run)
     if not args.encoder:
         if args.encoder_checkpoint or args.random_weights or args.method_config:
