@@ -24,7 +24,7 @@ from composed_retrieval.spn.bank import (NegativeBank, StaticNegatives, bank_los
 from composed_retrieval.spn.captioners import build_captioner
 from composed_retrieval.spn.generate import TEMPLATES, content_groups
 from composed_retrieval.train.loop import Trainer
-from composed_retrieval.train.sources import FeatureTable
+from composed_retrieval.cache import FeatureTable
 
 SMALL = {"image_width": 32, "text_width": 64, "embed_dim": 64}
 

@@ -1,4 +1,4 @@
-"""The encoder interface every method builds on (DESIGN section 2).
+"""The encoder interface every method builds on.
 
 An encoder pair gives, for a batch, a pooled feature ``[B, d]`` and a token sequence
 ``[B, L, d_tok]`` (spatial tokens for images; word tokens plus a padding mask for texts), and
@@ -6,34 +6,12 @@ can encode a text in which chosen token slots are replaced by given embeddings (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-
-@dataclass
-class Features:
-    """Pooled and token-level features of one batch.
-
-    ``mask`` is True at real tokens and False at padding (texts); None means all tokens are real.
-    """
-
-    pooled: torch.Tensor                 # [B, d]
-    tokens: torch.Tensor                 # [B, L, d_tok]
-    mask: torch.Tensor | None = None     # [B, L] bool
-
-    def to(self, device: torch.device | str) -> "Features":
-        return Features(self.pooled.to(device), self.tokens.to(device),
-                        None if self.mask is None else self.mask.to(device))
-
-    def detach(self) -> "Features":
-        return Features(self.pooled.detach(), self.tokens.detach(),
-                        None if self.mask is None else self.mask.detach())
-
-    def __len__(self) -> int:
-        return self.pooled.shape[0]
+from ..features import Features  # noqa: F401  (re-exported: the interface output type)
 
 
 class EncoderPair(nn.Module):

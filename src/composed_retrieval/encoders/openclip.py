@@ -34,7 +34,7 @@ from ..data.preprocess import CLIP_MEAN, CLIP_STD, INTERPOLATIONS, RESIZE_MODES,
 from ..errors import CheckpointError, ConfigError
 from ..fileio import read_json
 from .base import EncoderPair, Features, replace_slots
-from .registry import _one_line, is_torchscript_archive, read_state_dict
+from .weights import _one_line, is_torchscript_archive, read_state_dict
 
 SLOT_WORD = "$"
 FOLDER_CONFIG = "open_clip_config.json"
