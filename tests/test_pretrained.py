@@ -201,6 +201,7 @@ def test_spec_option_errors_are_one_line(hf_clip_dir, synth_tiny, capsys):
         (["eval", "--encoder", f"hf_clip:{hf_clip_dir}", "--method-config", "[1]", "--root", str(synth_tiny)],
          "JSON object"),
         (["index", "--gallery", str(synth_tiny), "--out", "x"], "--gallery and a model"),
+        (["eval", "--encoder", "tiny", "--root", str(synth_tiny)], "untrained random model"),
     ]
     for argv, message in cases:
         code, _, err = run_main(argv + ["--device", "cpu"] if argv[0] == "eval" else argv, capsys)

@@ -256,7 +256,7 @@ def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
                             cache_dir=str(tmp_path / "cache"))
     assert set(got) == {"map@5", "map@10", "map@25", "map@50"}
     assert 0.0 < got["map@50"] <= 100.0 and got["map@5"] <= got["map@10"] <= got["map@50"]
-    assert main(["zeroshot-eval", "--method", "image_only", "--dataset", "circo", "--root", str(tmp_path / "circo"),
+    assert main(["zeroshot-eval", "--method", "image_only", "--random-weights", "--dataset", "circo", "--root", str(tmp_path / "circo"),
                  "--device", "cpu", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == set(got) | {"model", "gallery"} and 0.0 < printed["map@50"] <= 100.0

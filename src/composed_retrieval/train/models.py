@@ -101,6 +101,9 @@ def load_model(source: ModelSource | dict[str, Any], device: str | torch.device 
         method = load_method(parsed, device=device)
         method.source = {"run": str(parsed.resolve())}
         return method
+    if parsed.encoder == "tiny" and parsed.encoder_checkpoint is None and not parsed.random_weights:
+        raise ConfigError("encoder tiny without --encoder-checkpoint (e.g. RUN/encoder.safetensors from "
+                          "`cir pretrain`) is an untrained random model; ask for that with --random-weights")
     kwargs = dict(parsed.encoder_config)
     if parsed.random_weights:
         kwargs["random_weights"] = True
