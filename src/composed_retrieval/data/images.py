@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -34,8 +35,23 @@ def detect_extension(folder: Path, stems: Sequence[str]) -> str | None:
     return None
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image as RGB, or raise a one-line DataError naming the file and the problem."""
+def decode_cost(im: Image.Image) -> int:
+    """Bytes a decode of ``im`` (header read, not decoded) may hold at its peak: the decoded
+    pixels plus one converted copy, at least 3 bytes a pixel (RGB)."""
+    w, h = im.size
+    per_pixel = max(3, len(im.getbands()) * (2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1))
+    return 2 * w * h * per_pixel
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, *, reduce_to: int | None = None,
+               gate: Callable[[int], ContextManager] | None = None) -> Image.Image:
+    """Open an image as RGB, or raise a one-line DataError naming the file and the problem.
+
+    ``reduce_to``: a consumer that needs no more than this many pixels on the short side lets
+    JPEG decode at 1/2, 1/4 or 1/8 scale (``draft``) and box-reduces any other format right after
+    decoding, always keeping the short side >= ``reduce_to``. ``gate(cost)``: a context held
+    around the decode with its :func:`decode_cost` (the service's memory budget).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file not found", path)
@@ -46,8 +62,16 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                 w, h = im.size
                 if w * h > max_pixels:
                     raise DataError(f"image is {w}x{h} pixels, above the limit of {max_pixels}", path)
-                im.load()
-                return _to_rgb(im)
+                if reduce_to and im.format == "JPEG":
+                    im.draft("RGB", (reduce_to, reduce_to))
+                with gate(decode_cost(im)) if gate else nullcontext():
+                    im.load()
+                    factor = min(im.size) // reduce_to if reduce_to else 1
+                    if factor < 2:
+                        return _to_rgb(im)
+                    if im.mode in ("RGB", "RGBA", "L", "LA"):  # reduce averages these correctly
+                        return _to_rgb(im.reduce(factor))
+                    return _to_rgb(im).reduce(factor)          # palette, 16-bit, CMYK: convert first
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
