@@ -143,6 +143,7 @@ class Trainer:
         state = self._check_run_dir() if not self.dist.active else self._check_run_dir_all_ranks()
         seed_everything(cfg["seed"])
         method = build_method_from_config(cfg).to(self.device)
+        self._method_options = method_options(method)
         if state is not None:
             method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
         if self.dist.active and cfg.get("sync_batchnorm", True):
@@ -333,7 +334,13 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
             if max_steps and steps >= int(max_steps):
                 break
-        return {k: round(v / max(steps, 1), 6) for k, v in sums.items()} | {"steps": steps}
+        means = {k: round(v / max(steps, 1), 6) for k, v in sums.items()}
+        # every scalar a method returns is logged (its epoch mean); a method whose training
+        # query is not its inference query (DRA) returns "match" and "match_inference", and
+        # their gap is logged beside them so that a target leak shows in metrics.jsonl
+        if "match" in means and "match_inference" in means:
+            means["match_gap"] = round(means["match_inference"] - means["match"], 6)
+        return means | {"steps": steps}
 
     def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
@@ -358,9 +365,18 @@ class Trainer:
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
                   **{k: best[k] for k in self.cfg.get("extra_eval_splits") or [] if k in best},
-                  "epochs": len(history), "galleries": getattr(self, "galleries", {}), "config": self.cfg}
+                  "epochs": len(history), "galleries": getattr(self, "galleries", {}), "config": self.cfg,
+                  "method_options": getattr(self, "_method_options", None)}
         atomic_write_json(self.run_dir / "results.json", result)
         return result
+
+
+def method_options(method: CIRMethod) -> dict[str, Any]:
+    """Every option the method runs with, defaults included (e.g. the sum's fusion), for
+    results.json: the config holds only what the user wrote."""
+    options = getattr(method, "options", None)
+    resolved = options if isinstance(options, dict) else method.config
+    return {k: v for k, v in resolved.items() if not str(k).startswith("_")}
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:

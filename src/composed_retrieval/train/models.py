@@ -116,10 +116,13 @@ def load_model(source: ModelSource | dict[str, Any], device: str | torch.device 
 def describe_model(method: CIRMethod) -> dict[str, Any]:
     """What a results JSON / index manifest records: where the model came from, the method and
     its config, and the encoder (name, options, weights file)."""
+    from .loop import method_options
+
     return {
         **(getattr(method, "source", None) or {}),
         "method": method.name,
         "method_config": dict(method.config or {}),
+        "method_options": method_options(method),     # defaults included, e.g. the sum's fusion
         "encoder": dict(method.encoder.config),
     }
 
