@@ -161,7 +161,7 @@ def test_cir_eval_and_index_with_an_hf_clip_folder(hf_clip_dir, synth_tiny, tmp_
     assert out["model"]["method_options"]["fusion"] == "normalized"      # the default, recorded
     raw = _json(["eval", "--encoder", f"hf_clip:{hf_clip_dir}", "--method-config", '{"fusion": "raw"}',
                  "--root", str(synth_tiny), "--device", "cpu", "--quiet"], capsys)
-    assert raw["model"]["method_config"] == {"fusion": "raw"} and raw["model"]["spec"]["method_config"] == {"fusion": "raw"}
+    assert raw["model"]["method_options"]["fusion"] == "raw" and raw["model"]["spec"]["method_config"] == {"fusion": "raw"}
     from composed_retrieval.data.registry import load_splits
     split = load_splits("cirr", synth_tiny, "val")[0]
     assert out["gallery"] == {"dataset": "cirr", "split": "val", "protocol": "cirr", "images": len(split.gallery),
