@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    encoder = build_encoder(args.model, checkpoint=args.checkpoint, **random_weight_options(args.model, args.checkpoint))
-    encoder = encoder.to(device).eval()
+    encoder = build_encoder(args.model, checkpoint=args.checkpoint, random_weights=args.checkpoint is None).to(device).eval()
     transform = encoder.image_transform("targetpad")
     width, height = (int(v) for v in args.image_px.lower().split("x"))
     workers = default_num_workers(device) if args.workers is None else args.workers
@@ -130,25 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     goal = 0.93 if device.type == "cpu" else 0.8
     print(f"ratio: {min(ratios.values()):.3f} (worst of {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}; goal >= {goal:g})")
     return 0
-
-
-def random_weight_options(model: str, checkpoint: str | None) -> dict:
-    """Encoder options that ask for random weights explicitly where the registry wants that."""
-    import inspect
-
-    from composed_retrieval.encoders import registry
-    if checkpoint is not None or not model.startswith("open_clip:"):
-        return {}
-    names = set(inspect.signature(registry.build_encoder).parameters)
-    try:
-        from composed_retrieval.encoders.openclip import OpenCLIPEncoder
-        names |= set(inspect.signature(OpenCLIPEncoder.__init__).parameters)
-    except ImportError:
-        pass
-    for flag in ("random_weights", "allow_random"):
-        if flag in names:
-            return {flag: True}
-    return {}
 
 
 if __name__ == "__main__":

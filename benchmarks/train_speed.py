@@ -58,18 +58,10 @@ def write_dataset(folder: Path, n_queries: int, n_images: int = 48, seed: int = 
 
 
 def random_weight_options(model: str) -> dict[str, Any]:
-    """Encoder options asking for random open_clip weights explicitly, where that is required."""
+    """Encoder options: random open_clip weights must be asked for explicitly."""
     if not model.startswith("open_clip:"):
         return {"image_width": 64, "text_width": 128, "embed_dim": 128} if model == "tiny" else {}
-    try:
-        from composed_retrieval.encoders.openclip import OpenCLIPEncoder
-        names = set(inspect.signature(OpenCLIPEncoder.__init__).parameters)
-    except ImportError:
-        names = set()
-    for flag in ("random_weights", "allow_random"):
-        if flag in names:
-            return {flag: True}
-    return {}
+    return {"random_weights": True}
 
 
 def sync(device: torch.device) -> None:

@@ -24,13 +24,13 @@ def tiny() -> TinyEncoder:
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return build_encoder("open_clip:ViT-B-32").eval()
+    return build_encoder("open_clip:ViT-B-32", random_weights=True).eval()
 
 
 @pytest.fixture(scope="module")
 def rn50x4():
     torch.manual_seed(0)
-    return build_encoder("open_clip:RN50x4").eval()
+    return build_encoder("open_clip:RN50x4", random_weights=True).eval()
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_checkpoint_errors(tmp_path):
 def test_registry_names_and_tiny_checkpoint(tmp_path, tiny):
     with pytest.raises(ConfigError, match="tiny, open_clip:<model>"):
         build_encoder("resnet")
-    with pytest.raises(ConfigError, match="unknown open_clip model"):
+    with pytest.raises(ConfigError, match="unknown open_clip model or folder"):
         build_encoder("open_clip:NoSuchNet")
     with pytest.raises(ConfigError, match="bad options"):
         build_encoder("tiny", widht=3)

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train", "spn", "zeroshot", "config"),         # the loop, its config, the training recipes
     ("index",),                                     # gallery vectors and engines
     ("service",),                                   # HTTP + web page
-    ("commands", "cli", "__main__", "__init__"),    # the command line drives everything
+    ("commands", "cli", "api", "__main__", "__init__"),  # the command line and the Python API drive everything
 ]
 
 

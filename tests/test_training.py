@@ -51,7 +51,9 @@ def test_checkpoint_reload_gives_identical_scores(synth_tiny: Path, tmp_path: Pa
     run = tmp_path / "run"
     result = Trainer(_cfg(synth_tiny), run, progress=False).run()
     out = main_json(["eval", "--run", str(run), "--device", "cpu", "--quiet"])
-    assert out == result["val"]
+    assert {k: out[k] for k in result["val"]} == result["val"]
+    assert set(out) == set(result["val"]) | {"model", "gallery"} and out["model"]["run"] == str(run.resolve())
+    assert out["gallery"] == result["galleries"]["val"] and out["gallery"]["reference_removed"] is True
 
 
 def main_json(argv: list[str]) -> dict:
@@ -156,7 +158,8 @@ def test_open_clip_backbones_train_and_evaluate(model: str, tmp_path: Path) -> N
     write_cirr_fixture(root, split="train", n_images=8, n_queries=4, folder="train")
     write_cirr_fixture(root, split="val", n_images=8, n_queries=4)
     cfg = load_config(None, [], {
-        "method": "combiner", "encoder": f"open_clip:{model}", "dataset": "cirr", "root": str(root),
+        "method": "combiner", "encoder": f"open_clip:{model}", "encoder_config": {"random_weights": True},
+        "dataset": "cirr", "root": str(root),
         "batch_size": 2, "device": "cpu", "eval_batch_size": 8, "max_steps_per_epoch": 2,
         "method_config": {"projection_dim": 64, "hidden_dim": 64},
         "stages": [{"name": "combiner", "epochs": 1, "lr": 1e-4, "train_text_tower": True}]})

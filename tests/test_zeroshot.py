@@ -29,7 +29,7 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return build_encoder("open_clip:ViT-B-32").eval()
+    return build_encoder("open_clip:ViT-B-32", random_weights=True).eval()
 
 
 def _transformer_input(encoder):
@@ -260,10 +260,11 @@ def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
                             cache_dir=str(tmp_path / "cache"))
     assert set(got) == {"map@5", "map@10", "map@25", "map@50"}
     assert 0.0 < got["map@50"] <= 100.0 and got["map@5"] <= got["map@10"] <= got["map@50"]
-    assert main(["zeroshot-eval", "--method", "image_only", "--dataset", "circo", "--root", str(tmp_path / "circo"),
+    assert main(["zeroshot-eval", "--method", "image_only", "--random-weights", "--dataset", "circo", "--root", str(tmp_path / "circo"),
                  "--device", "cpu", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == set(got) and 0.0 < printed["map@50"] <= 100.0
+    assert set(printed) == set(got) | {"model", "gallery"} and 0.0 < printed["map@50"] <= 100.0
+    assert printed["gallery"]["reference_removed"] is False and printed["model"]["encoder"]["name"] == "tiny"
 
 
 # ---- masking direction: complementary pairs by default (issue 13) ---------------------------

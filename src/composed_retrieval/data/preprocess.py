@@ -1,4 +1,11 @@
-"""CLIP4Cir's image preprocessing: targetpad / squarepad, resize, centre crop, CLIP mean/std."""
+"""CLIP4Cir's image preprocessing: targetpad / squarepad, resize, centre crop, CLIP mean/std.
+
+A pretrained model folder brings its own resize rule, interpolation and mean/std (open_clip's
+``preprocess_cfg``, a Hugging Face ``preprocessor_config.json``); the CIR padding kind is applied
+first either way. Resize modes follow open_clip's names: ``shortest`` (short side to ``size``,
+then centre crop: CLIP's default), ``squash`` (both sides to ``size``, e.g. SigLIP) and
+``longest`` (long side to ``size``, then pad to a square).
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,6 +20,8 @@ from ..errors import ConfigError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS_KINDS = ("targetpad", "squarepad", "resize")
+RESIZE_MODES = ("shortest", "squash", "longest")
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 def target_pad_amounts(w: int, h: int, target_ratio: float = 1.25) -> tuple[int, int]:
@@ -48,11 +57,17 @@ class Preprocess:
     """Picklable transform (DataLoader workers need that): PIL image -> normalised tensor."""
 
     def __init__(self, kind: str, size: int, target_ratio: float = 1.25,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                 resize_mode: str = "shortest", interpolation: str = "bicubic") -> None:
         if kind not in PREPROCESS_KINDS:
             raise ConfigError(f"unknown preprocessing {kind!r}; expected one of {', '.join(PREPROCESS_KINDS)}")
+        if resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"unknown resize mode {resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"unknown interpolation {interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}")
         self.kind, self.size, self.target_ratio = kind, int(size), float(target_ratio)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(x) for x in std)
+        self.resize_mode, self.interpolation = resize_mode, interpolation
 
     def pil(self, image: Image.Image) -> Image.Image:
         """Padding, resize and crop only: the PIL image the model sees (also for thumbnails)."""
@@ -60,7 +75,18 @@ class Preprocess:
             image = target_pad(image, self.target_ratio)
         elif self.kind == "squarepad":
             image = square_pad(image)
-        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "squash":
+            return TF.resize(image, [self.size, self.size], interpolation=mode).convert("RGB")
+        if self.resize_mode == "longest":
+            w, h = image.size
+            scale = self.size / max(w, h)
+            image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=mode)
+            w, h = image.size
+            left, top = (self.size - w) // 2, (self.size - h) // 2
+            image = TF.pad(image, [left, top, self.size - w - left, self.size - h - top], fill=0)
+            return image.convert("RGB")
+        image = TF.resize(image, self.size, interpolation=mode)
         image = TF.center_crop(image, [self.size, self.size])
         return image.convert("RGB")
 
@@ -87,7 +113,11 @@ class Preprocess:
 
     def key(self) -> str:
         """A string that identifies this preprocessing in cache keys."""
-        return f"{self.kind}-{self.size}-{self.target_ratio:g}"
+        base = f"{self.kind}-{self.size}-{self.target_ratio:g}"
+        if (self.resize_mode, self.interpolation, self.mean, self.std) == ("shortest", "bicubic", CLIP_MEAN, CLIP_STD):
+            return base   # the key every cache written before model-specific preprocessing used
+        stats = ",".join(f"{v:g}" for v in (*self.mean, *self.std))
+        return f"{base}-{self.resize_mode}-{self.interpolation}-{stats}"
 
     def __repr__(self) -> str:
         return f"Preprocess({self.key()})"

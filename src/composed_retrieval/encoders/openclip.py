@@ -1,9 +1,13 @@
 """open_clip backbones (RN50x4, ViT-B-32, ViT-L-14, ...) behind the EncoderPair interface.
 
-Weights come from a local file only (open_clip state dict, safetensors, or an OpenAI CLIP
-archive/state dict); ``checkpoint=None`` gives random weights (tests). Nothing is downloaded:
-open_clip treats a ``pretrained`` string that names a known tag as a download request, so the
-model is always created with ``pretrained=None`` and the file is loaded afterwards.
+Weights come from local files only: a model name plus a weights file (open_clip state dict,
+safetensors, or an OpenAI CLIP archive/state dict), or an open_clip Hugging Face folder
+(``open_clip_config.json`` + ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``),
+whose ``preprocess_cfg`` (mean, std, resize mode, interpolation) replaces the CLIP defaults.
+Without weights the encoder is refused unless ``random_weights=True`` is asked for (tests, or
+towers trained from scratch). Nothing is downloaded: open_clip treats a ``pretrained`` string
+that names a known tag as a download request, so the model is always created without weights
+and the file is loaded afterwards, with safetensors or ``torch.load(weights_only=True)``.
 
 Token features come from forward hooks on the model's own modules, registered for the duration
 of one call (so copies of the model and DDP wrappers carry no stale hooks):
@@ -26,17 +30,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..data.preprocess import Preprocess
+from ..data.preprocess import CLIP_MEAN, CLIP_STD, INTERPOLATIONS, RESIZE_MODES, Preprocess
 from ..errors import CheckpointError, ConfigError
+from ..fileio import read_json
 from .base import EncoderPair, Features, replace_slots
 from .weights import _one_line, is_torchscript_archive, read_state_dict
 
 SLOT_WORD = "$"
+FOLDER_CONFIG = "open_clip_config.json"
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class _RandomWeightsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        message = record.getMessage()
+        return "No pretrained weights loaded" not in message and "no CLIP weights found" not in message
 
 
 _FILTER = _RandomWeightsFilter()
@@ -54,14 +62,26 @@ class OpenCLIPEncoder(EncoderPair):
     """An open_clip CLIP model with hooked token outputs and slot-aware text encoding."""
 
     def __init__(self, model_name: str, checkpoint: str | Path | None = None,
-                 quick_gelu: bool | None = None, grad_checkpointing: bool = False) -> None:
+                 quick_gelu: bool | None = None, random_weights: bool = False,
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
         import open_clip
 
         _quiet_open_clip()
+        self.preprocess_cfg: dict[str, Any] = {}
+        folder = Path(model_name)
+        if model_name not in open_clip.list_models() and (folder / FOLDER_CONFIG).is_file():
+            self._init_folder(open_clip, folder, checkpoint, quick_gelu, random_weights)
+            return
         if model_name not in open_clip.list_models():
-            raise ConfigError(f"unknown open_clip model {model_name!r}; e.g. RN50x4, ViT-B-32, ViT-L-14 "
-                              f"(open_clip.list_models() has {len(open_clip.list_models())})")
+            hint = f" ({folder} has no {FOLDER_CONFIG})" if folder.is_dir() else ""
+            raise ConfigError(f"unknown open_clip model or folder {model_name!r}{hint}; e.g. RN50x4, ViT-B-32, "
+                              f"ViT-L-14 (open_clip.list_models() has {len(open_clip.list_models())}) or a "
+                              f"folder with {FOLDER_CONFIG}")
+        if checkpoint is None and not random_weights:
+            raise ConfigError(f"open_clip:{model_name} has no weights: pass --encoder-checkpoint FILE "
+                              "(or encoder_checkpoint), or ask for random weights explicitly with "
+                              "--random-weights (encoder_config {\"random_weights\": true})")
         jit_state = None
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
@@ -92,12 +112,49 @@ class OpenCLIPEncoder(EncoderPair):
         self.model_name = model_name
         self.config: dict[str, Any] = {
             "name": f"open_clip:{model_name}",
-            "kwargs": {"quick_gelu": quick_gelu, **({"grad_checkpointing": True} if grad_checkpointing else {})},
+            "kwargs": {"quick_gelu": quick_gelu, **({"random_weights": True} if random_weights else {}),
+                       **({"grad_checkpointing": True} if grad_checkpointing else {})},
             "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         }
-        self._setup_dims(open_clip)
+        self._setup_dims(open_clip, model_name)
 
-    def _setup_dims(self, open_clip: Any) -> None:
+    def _init_folder(self, open_clip: Any, folder: Path, checkpoint: str | Path | None,
+                     quick_gelu: bool | None, random_weights: bool) -> None:
+        """An open_clip Hugging Face folder: its config, its weights, its preprocessing."""
+        cfg = read_json(folder / FOLDER_CONFIG, "open_clip config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+            raise ConfigError(f"{folder / FOLDER_CONFIG}: expected an object with a 'model_cfg' object")
+        if checkpoint is not None:
+            raise ConfigError(f"open_clip folder {folder} carries its own weights ({' or '.join(FOLDER_WEIGHTS)}); "
+                              "drop --encoder-checkpoint")
+        weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+        if weights is None and not random_weights:
+            raise ConfigError(f"open_clip folder {folder} has no weights ({' or '.join(FOLDER_WEIGHTS)}); "
+                              "ask for random weights explicitly with --random-weights")
+        self.preprocess_cfg = _folder_preprocess(cfg.get("preprocess_cfg") or {}, folder / FOLDER_CONFIG)
+        try:
+            model = open_clip.create_model(f"local-dir:{folder}", load_weights=False,
+                                           force_quick_gelu=bool(quick_gelu))
+        except Exception as exc:  # a model_cfg open_clip cannot build
+            raise ConfigError(f"{folder / FOLDER_CONFIG}: open_clip cannot build this model_cfg "
+                              f"({_one_line(exc)})") from None
+        if weights is not None:
+            state = read_state_dict(weights)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"weights do not fit {FOLDER_CONFIG}: {_one_line(exc)}", weights) from None
+        self.model = model
+        self.model_name = str(folder.resolve())
+        self.config = {
+            "name": f"open_clip:{folder.resolve()}",
+            "kwargs": {"quick_gelu": quick_gelu, **({"random_weights": True} if weights is None else {})},
+            "checkpoint": None,
+            "weights_file": None if weights is None else str(weights.resolve()),
+        }
+        self._setup_dims(open_clip, f"local-dir:{folder}")
+
+    def _setup_dims(self, open_clip: Any, tokenizer_name: str) -> None:
         from open_clip.modified_resnet import ModifiedResNet
         from open_clip.transformer import VisionTransformer
 
@@ -132,7 +189,7 @@ class OpenCLIPEncoder(EncoderPair):
         proj = m.text_projection
         self.embed_dim = int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
         self.text_token_dim = int(m.transformer.width)
-        self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
         ids = self.tokenizer([SLOT_WORD])[0]
         inner = ids[1: int(ids.argmax())]
         if inner.numel() != 1:
@@ -144,7 +201,7 @@ class OpenCLIPEncoder(EncoderPair):
         return self.tokenizer(list(texts))
 
     def image_transform(self, kind: str = "targetpad") -> Callable:
-        return Preprocess(kind, self.image_size)
+        return Preprocess(kind, self.image_size, **self.preprocess_cfg)
 
     def encode_image(self, pixels: torch.Tensor) -> Features:
         captured: dict[str, torch.Tensor] = {}
@@ -189,3 +246,26 @@ class OpenCLIPEncoder(EncoderPair):
     def text_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.model.named_parameters()
                 if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
+
+
+def _folder_preprocess(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """open_clip ``preprocess_cfg`` -> Preprocess options (mean, std, resize mode, interpolation)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: 'preprocess_cfg' must be an object")
+    out: dict[str, Any] = {"mean": CLIP_MEAN, "std": CLIP_STD}
+    for key in ("mean", "std"):
+        if key in cfg:
+            value = cfg[key]
+            if not (isinstance(value, (list, tuple)) and len(value) == 3
+                    and all(isinstance(v, (int, float)) for v in value)):
+                raise ConfigError(f"{path}: preprocess_cfg.{key} must be a list of 3 numbers, got {value!r}")
+            out[key] = tuple(float(v) for v in value)
+    mode = cfg.get("resize_mode", "shortest")
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"{path}: preprocess_cfg.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    interp = cfg.get("interpolation", "bicubic")
+    if interp not in INTERPOLATIONS:
+        raise ConfigError(f"{path}: preprocess_cfg.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                          f"got {interp!r}")
+    out["resize_mode"], out["interpolation"] = mode, interp
+    return out

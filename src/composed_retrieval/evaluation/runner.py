@@ -1,7 +1,7 @@
 """Run a method over a split: query and gallery vectors, then the split's own protocol."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,6 +32,25 @@ def split_vectors(method: CIRMethod, split: CIRSplit, table: FeatureTable, batch
     g = torch.cat(gallery) if gallery else torch.empty(0, d)
     q = torch.cat(queries) if queries else torch.empty(0, d)
     return q, g
+
+
+def describe_gallery(splits: Sequence[CIRSplit]) -> dict[str, Any]:
+    """What a metric JSON says about the gallery it ranked (results across projects differ by
+    gallery definition): dataset, split, protocol, number of gallery images (per FashionIQ
+    category too) and whether each query's reference image was left out of its ranking."""
+    from .protocols import REMOVES_REFERENCE, protocol_of
+
+    if not splits:
+        return {}
+    first = splits[0]
+    proto = protocol_of(first)
+    out: dict[str, Any] = {"dataset": first.dataset, "split": first.split, "protocol": proto,
+                           "images": sum(len(s.gallery) for s in splits),
+                           "queries": sum(len(s.queries) for s in splits),
+                           "reference_removed": REMOVES_REFERENCE.get(proto, True)}
+    if any(s.category for s in splits):
+        out["images_per_category"] = {s.category or s.split: len(s.gallery) for s in splits}
+    return out
 
 
 def evaluate_method(method: CIRMethod, splits: Sequence[CIRSplit], tables: Sequence[FeatureTable],

@@ -29,7 +29,7 @@ from ..fileio import atomic_write_text
 from ..methods.base import CIRMethod
 from ..train import distributed
 from . import faiss_index
-from .hits import model_fingerprint
+from .hits import model_fingerprint, model_key
 from .store import PartialBuild, index_exists, read_index, sha256_file, stored_path, write_index
 
 Where = tuple  # ("old", row) in the previous index, or (chunk file, row) in partial/
@@ -53,9 +53,9 @@ class BuildReport:
     shard: str | None = None                 # "rank/world" on a rank other than 0 of a torchrun build
 
 
-def _load_method(model: str | Path, device: str) -> CIRMethod:
-    from ..train.checkpoint import load_method
-    return load_method(model, device=device)
+def _load_method(model: Any, device: str) -> CIRMethod:
+    from ..train.models import load_model
+    return load_model(model, device=device)
 
 
 def _embed_chunk(method: CIRMethod, names: list[str], path_of: Callable[[str], Path],
@@ -149,13 +149,14 @@ def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple
     return hashes, skipped, sorted(changed), {n: known[n][1] for n in embedded}, reused
 
 
-def build_index(out: str | Path, gallery: str | Path | None = None, model: str | Path | None = None,
+def build_index(out: str | Path, gallery: str | Path | None = None, model: Any = None,
                 kind: str | None = None, add: bool = False, batch_size: int = 64,
                 chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", num_workers: int | None = None,
                 params: dict[str, Any] | None = None, recall_target: float = 0.95, progress: bool = True,
                 method: CIRMethod | None = None, log: Callable[[str], None] = print,
                 max_memory: int | None = None) -> BuildReport:
-    """Build ``out`` from every image under ``gallery`` with the model at ``model``.
+    """Build ``out`` from every image under ``gallery`` with the model at ``model`` (a run or
+    checkpoint folder, or a ``train.models.ModelSpec``: a pretrained encoder + training-free method).
 
     With ``add=True`` the existing index at ``out`` is updated: unchanged images keep their
     vectors, new or changed ones are embedded, deleted ones leave the index (and are reported);
@@ -186,11 +187,13 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                               f"images to it, or choose another --out")
         old = read_index(out, mmap=True)
         gallery = gallery if gallery is not None else old.gallery_path()
-        model = model if model is not None else old.model_path()
-        for what, given, stored in (("gallery", gallery, old.gallery_path()), ("model", model, old.model_path())):
-            if Path(given).resolve() != Path(stored).resolve():
-                raise ConfigError(f"--{what} {given} differs from the {what} {stored} this index was "
-                                  f"built with; build a new index with --out elsewhere", out)
+        model = model if model is not None else stored_model(old)
+        if Path(gallery).resolve() != old.gallery_path().resolve():
+            raise ConfigError(f"--gallery {gallery} differs from the gallery {old.gallery_path()} this index was "
+                              f"built with; build a new index with --out elsewhere", out)
+        if model_key(model) != model_key(stored_model(old)):
+            raise ConfigError(f"the model {model_key(model)} differs from the model {model_key(stored_model(old))} "
+                              f"this index was built with; build a new index with --out elsewhere", out)
         kind = kind or old.meta.get("kind_requested", "auto")
         # keep the budget and the PQ code size the index was built with
         max_memory = max_memory if max_memory is not None else old.meta.get("max_memory")
@@ -200,10 +203,12 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     elif add:
         raise ConfigError("no index to add to (run `cir index` without --add first)", out)
     if gallery is None or model is None:
-        raise ConfigError("both --gallery and --model are needed to build a new index")
+        raise ConfigError("--gallery and a model (--model RUN, or --encoder SPEC --method M) are needed "
+                          "to build a new index")
     kind = kind or "auto"
     faiss_index.choose_kind(0, kind)   # validate the name before any work
-    gallery, model = Path(gallery), Path(model)
+    from ..train.models import ModelSpec, describe_model, parse_source
+    gallery, model = Path(gallery), parse_source(model)
 
     files = list_gallery(gallery)
     if not files:
@@ -216,8 +221,8 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     ranks = distributed.current()
     partial = PartialBuild(out, tag=f"r{ranks.rank}" if ranks.active else "")
     # the weights' hash too: chunks embedded by a model since retrained at the same path are stale
-    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve()),
-                        "model_weights_sha256": model_fingerprint(model)})
+    partial.check_plan({"model": model_key(model), "gallery": str(gallery.resolve()),
+                        "model_weights_sha256": model_fingerprint(model) if isinstance(model, (str, Path)) else None})
     hashes, skipped = _hash_all(_shard(files, ranks), progress)
 
     # what is already known: the old index, then chunks of an interrupted run (newer wins)
@@ -285,9 +290,12 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
             f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
         writer = lambda p: faiss_index.save_engine(engine, p)  # noqa: E731
+    spec = model if isinstance(model, ModelSpec) else None
     meta = {
-        "model": stored_path(model, out), "gallery": stored_path(gallery, out),
-        "model_weights_sha256": model_fingerprint(model),
+        "model": None if spec else stored_path(model, out), "gallery": stored_path(gallery, out),
+        **({"model_spec": spec.to_json()} if spec else {}),
+        "model_weights_sha256": None if spec else model_fingerprint(model),
+        "model_description": describe_model(method),
         "preprocess": "targetpad", "method": method.name,
         "kind": chosen, "kind_requested": kind, "params": engine_params,
         "vectors_dtype": np.dtype(dtype).name, "max_memory": max_memory,

@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Rerunning an interrupted build resumes it; --add updates an "
                                    "existing index with new or changed images only.")
     p.add_argument("--gallery", help="folder of images (searched recursively); default with --add: the stored one")
-    p.add_argument("--model", help="run folder or checkpoint folder; default with --add: the stored one")
+    from ..train.models import add_model_options
+    add_model_options(p, run_flag="--model", required=False,
+                      run_help="run folder or checkpoint folder; default with --add: the stored model")
     p.add_argument("--out", required=True, help="index folder to write")
     p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw", "ivfpq", "opq-ivfpq"), default=None,
                    help="FAISS engine: exact (flat), approximate (ivf, hnsw) or compressed (ivfpq, "
@@ -63,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--queries", help="batch mode: JSONL of {\"image\": path or gallery name, \"text\": ...}")
     s.add_argument("--out", help="batch mode: JSONL file for the results")
-    s.add_argument("--model", help="use this model instead of the one stored in the index")
+    add_model_options(s, run_flag="--model", required=False,
+                      run_help="use this run folder instead of the model stored in the index")
     s.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
     s.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
     s.add_argument("--ef-search", type=int, help="HNSW (FAISS or Qdrant): candidate list size per query")
@@ -81,6 +84,14 @@ def _params(args: argparse.Namespace) -> dict[str, int]:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
             out["m" if key == "pq_m" else key] = value
     return out
+
+
+def model_source(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The --model folder or --encoder spec, or None (use the model stored in the index)."""
+    from ..train.models import source_from_args
+    if args.run and args.method:
+        raise ConfigError("--method goes with --encoder; a --model run folder brings its own method")
+    return source_from_args(args)
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -106,7 +117,7 @@ def run_index(args: argparse.Namespace) -> int:
     # may wait long for the slowest shard, hence the long barrier timeout
     ranks = distributed.setup(args.device, timeout_minutes=24 * 60)
     try:
-        report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
+        report = build_index(args.out, gallery=args.gallery, model=model_source(args), kind=args.kind, add=args.add,
                              batch_size=args.batch_size, chunk_size=args.chunk_size, device=str(ranks.device),
                              num_workers=args.num_workers, params=_params(args),
                              recall_target=args.recall_target, progress=not args.quiet and ranks.is_main,
@@ -129,7 +140,12 @@ def _run_qdrant_index(args: argparse.Namespace) -> int:
     settings = {"hnsw_m": args.hnsw_m, "hnsw_ef_construct": args.hnsw_ef_construct, "hnsw_ef": args.ef_search,
                 "on_disk": args.on_disk, "quantization": args.qdrant_quantization,
                 "shards": args.shards, "replicas": args.replicas}
-    report = build_qdrant_index(args.out, args.qdrant, args.collection, gallery=args.gallery, model=args.model,
+    from ..train.models import ModelSpec
+    model = model_source(args)
+    if isinstance(model, ModelSpec):
+        raise ConfigError("--backend qdrant needs a --model run folder for now; index an --encoder spec "
+                          "with the FAISS backend")
+    report = build_qdrant_index(args.out, args.qdrant, args.collection, gallery=args.gallery, model=model,
                                 add=args.add, settings=settings, batch_size=args.batch_size,
                                 chunk_size=args.chunk_size, device=args.device, num_workers=args.num_workers,
                                 progress=not args.quiet)
@@ -159,7 +175,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise ConfigError("--queries needs --out RESULTS.jsonl")
     if not batch and (not args.image or args.text is None):
         raise ConfigError("give --image and --text (or --queries FILE.jsonl --out RESULTS.jsonl)")
-    searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
+    searcher = Searcher.open(args.index, model=model_source(args), gallery=args.gallery, device=args.device,
                              search_params=_params(args))
     if batch:
         return _run_batch(searcher, Path(args.queries), Path(args.out), args.k)

@@ -28,3 +28,22 @@ def model_fingerprint(model: str | Path) -> str | None:
         return read_checkpoint_meta(resolve_checkpoint(model)).get("weights_sha256")
     except Exception:  # no checkpoint module or no hash: nothing to compare against
         return None
+
+
+def stored_model(data: Any) -> Any:
+    """The model an index was built with: its run folder (a Path) or its ModelSpec."""
+    if data.meta.get("model_spec"):
+        from ..train.models import ModelSpec
+        return ModelSpec.from_json(data.meta["model_spec"])
+    return data.model_path()
+
+
+def model_key(model: Any) -> str:
+    """A comparable name for a model source: a resolved folder path, or the spec as JSON."""
+    import json
+
+    from ..train.models import parse_source
+    parsed = parse_source(model)
+    if isinstance(parsed, Path):
+        return str(parsed.resolve())
+    return json.dumps(parsed.to_json(), sort_keys=True)

@@ -27,7 +27,7 @@ from ..data.images import MAX_IMAGE_PIXELS, load_image
 from ..errors import CheckpointError, DataError
 from ..methods.base import CIRMethod
 from . import faiss_index
-from .hits import Exclusion, Hit, model_fingerprint  # noqa: F401 (re-exported)
+from .hits import Exclusion, Hit, model_fingerprint, model_key, stored_model  # noqa: F401 (re-exported)
 from .store import IndexData, read_index, read_meta, sha256_file
 
 
@@ -172,14 +172,16 @@ class Searcher:
              device: str = "cpu", search_params: dict[str, Any] | None = None,
              method: CIRMethod | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
              verify: bool = True) -> "Searcher":
-        """Load the index and its model (``model`` overrides the stored reference)."""
+        """Load the index and its model (``model``, a run folder or a ModelSpec, overrides the
+        stored one)."""
         index = open_index(index_dir, search_params, verify=verify)
         data = index
         if method is None:
-            from ..train.checkpoint import load_method
-            model_path = Path(model) if model is not None else data.model_path()
-            _check_fingerprint(model_path, data.meta.get("model_weights_sha256"), data.folder)
-            method = load_method(model_path, device=device)
+            from ..train.models import load_model, parse_source
+            source = parse_source(model) if model is not None else stored_model(data)
+            if isinstance(source, Path):
+                _check_fingerprint(source, data.meta.get("model_weights_sha256"), data.folder)
+            method = load_model(source, device=device)
         gallery_path = Path(gallery) if gallery is not None else data.gallery_path()
         if not gallery_path.is_dir():
             raise DataError("gallery folder of this index not found (pass --gallery)", gallery_path)

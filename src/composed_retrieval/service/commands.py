@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder made by `cir index`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", help="use this model instead of the one stored in the index")
+    from ..train.models import add_model_options
+    add_model_options(p, run_flag="--model", required=False,
+                      run_help="use this run folder instead of the model stored in the index")
     p.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
@@ -79,7 +81,8 @@ def build_app(args: argparse.Namespace, verify: bool = True):
                     header_timeout_s=args.header_timeout,
                     decode_memory_bytes=int(args.decode_memory_mb * 2**20),
                     allowed_hosts=tuple(dict.fromkeys([args.host, *args.allow_host])))
-    searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
+    from ..index.commands import model_source
+    searcher = Searcher.open(args.index, model=model_source(args), gallery=args.gallery, device=args.device,
                              max_pixels=limits.max_image_pixels, verify=verify)
     return create_app(searcher, limits), searcher
 

@@ -137,7 +137,7 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMeth
     meta = read_checkpoint_meta(folder)
     # the method's own weights include the towers, so the encoder's original checkpoint file
     # is not needed (and may be gone) when a trained method is loaded
-    encoder = encoder_from_config({**meta["encoder_config"], "checkpoint": None})
+    encoder = encoder_from_config({**meta["encoder_config"], "checkpoint": None}, random_weights=True)
     method = build_method(meta["method"], encoder, meta.get("method_config") or {})
     state = load_weights(folder)
     missing, unexpected = load_into(method, state, folder / WEIGHTS, strict=False)

@@ -16,24 +16,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation metrics of a trained run as JSON")
-    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
-    p.add_argument("--method", default=None,
-                   help="evaluate this training-free method (image_only, text_only, sum) on the run's towers")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--root", default=None)
-    p.add_argument("--image-root", default=None)
+    p = sub.add_parser("eval", help="validation metrics of a trained run, or of a pretrained model, as JSON",
+                       description="Metrics in percent, plus the model and the gallery they were measured on. "
+                                   "Without a run: cir eval --encoder hf_clip:DIR --method sum --dataset cirr --root DATA")
+    from .models import add_model_options
+    add_model_options(p)
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split, else val)")
+    _add_data_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="CIRR test1 / CIRCO test submission files, validated before writing")
-    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
+    add_model_options(p)
     p.add_argument("--split", default=None, help="default: test1 (cirr), test (circo)")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--root", default=None)
-    p.add_argument("--image-root", default=None)
+    _add_data_options(p)
     p.add_argument("--out", required=True, help="folder for the submission files")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -48,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, choices=["cirr", "fashioniq", "circo", "user"],
+                   help="default: the run's dataset, else cirr")
+    p.add_argument("--root", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (default: beside the run; a temporary one for --encoder)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -105,59 +111,83 @@ def _run_config(run: str) -> tuple[Path, dict[str, Any]]:
     return folder, {}
 
 
-def _eval_setup(args: argparse.Namespace, default_split: str):  # type: ignore[no-untyped-def]
-    from ..config import DEFAULTS, merge
-    from .checkpoint import load_method
-    from .loop import Trainer, load_data, resolve_device
+class _EvalSetup:
+    """The model, splits and trainer of `cir eval` / `cir predict`; a temporary feature cache
+    (a spec has no run folder to keep one beside) is removed by ``close``."""
 
-    folder, run_cfg = _run_config(args.run)
-    cfg = merge(DEFAULTS, run_cfg)
-    for key in ("dataset", "root", "image_root"):
-        if getattr(args, key, None):
-            cfg[key] = getattr(args, key)
-    cfg["device"] = args.device
-    split = args.split or (default_split if default_split != "val" else cfg["val_split"])
-    method = load_method(folder, resolve_device(args.device))
-    if getattr(args, "method", None):
-        from ..methods.registry import build_method
-        method = build_method(args.method, method.encoder).to(resolve_device(args.device)).eval()
-    splits = load_data(cfg, split, training=False)
-    trainer = Trainer(cfg, folder.parent if folder.name in ("best", "last") else folder, progress=not args.quiet)
-    return method, splits, trainer, cfg
+    def __init__(self, args: argparse.Namespace, default_split: str) -> None:
+        import tempfile
+
+        from ..config import DEFAULTS, merge
+        from .loop import Trainer, load_data, resolve_device
+        from .models import model_from_args, source_from_args
+
+        source = source_from_args(args)
+        self.tmp: str | None = None
+        if isinstance(source, Path):
+            folder, run_cfg = _run_config(str(source))
+            run_dir = folder.parent if folder.name in ("best", "last") else folder
+        else:
+            run_cfg = {}
+            if not args.root:
+                raise ConfigError("--root (the dataset folder) is needed with --encoder")
+            self.tmp = tempfile.mkdtemp(prefix="cir-eval-")
+            run_dir = Path(self.tmp) / "eval"
+        cfg = merge(DEFAULTS, run_cfg)
+        for key in ("dataset", "root", "image_root", "cache_dir"):
+            if getattr(args, key, None):
+                cfg[key] = getattr(args, key)
+        cfg["device"] = args.device
+        self.split = args.split or (default_split if default_split != "val" else cfg["val_split"])
+        self.method = model_from_args(args, resolve_device(args.device))
+        self.splits = load_data(cfg, self.split, training=False)
+        self.trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+        self.cfg = cfg
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.runner import evaluate_method
+    from .models import evaluate_loaded
 
-    method, splits, trainer, cfg = _eval_setup(args, "val")
-    if not splits[0].has_targets:
-        raise ConfigError(f"split {splits[0].split!r} has no targets; use `cir predict` for test splits")
-    tables = trainer.image_table(method, splits, splits[0].split)
-    metrics = evaluate_method(method, splits, tables, cfg["eval_batch_size"], trainer.device)
-    print(json.dumps(metrics, indent=2))
+    setup = _EvalSetup(args, "val")
+    try:
+        result = evaluate_loaded(setup.method, setup.splits, setup.trainer, setup.cfg)
+    finally:
+        setup.close()
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..evaluation import submission
     from ..evaluation.protocols import rank_split
-    from ..evaluation.runner import split_vectors
+    from ..evaluation.runner import describe_gallery, split_vectors
+    from .models import describe_model
 
-    dataset = args.dataset or _run_config(args.run)[1].get("dataset")
+    dataset = args.dataset or (_run_config(args.run)[1].get("dataset") if args.run else "cirr")
     default = {"cirr": "test1", "circo": "test"}.get(dataset or "")
     if default is None:
         raise ConfigError(f"`cir predict` writes CIRR test1 or CIRCO test submissions, not {dataset!r}")
-    method, splits, trainer, cfg = _eval_setup(args, default)
-    split = splits[0]
-    table = trainer.image_table(method, [split], split.split)[0]
-    q, g = split_vectors(method, split, table, cfg["eval_batch_size"], trainer.device)
+    setup = _EvalSetup(args, default)
+    try:
+        method, trainer, cfg = setup.method, setup.trainer, setup.cfg
+        split = setup.splits[0]
+        table = trainer.image_table(method, [split], split.split)[0]
+        q, g = split_vectors(method, split, table, cfg["eval_batch_size"], trainer.device)
+    finally:
+        setup.close()
     rankings = rank_split(split, q, g, k=50)
     out = Path(args.out)
     if dataset == "cirr":
         paths = submission.write_cirr_submission(out, split, rankings)
     else:
         paths = submission.write_circo_submission(out / f"circo_{split.split}.json", split, rankings)
-    print(json.dumps({"written": [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]}))
+    print(json.dumps({"written": [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])],
+                      "model": describe_model(method), "gallery": describe_gallery([split])}))
     return 0
 
 

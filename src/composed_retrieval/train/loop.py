@@ -234,6 +234,8 @@ class Trainer:
         # -- end SPN hook
         val_splits = load_data(cfg, cfg["val_split"], training=False)
         extra = {name: load_data(cfg, name, training=False) for name in cfg.get("extra_eval_splits") or []}
+        from ..evaluation.runner import describe_gallery
+        self.galleries = {"val": describe_gallery(val_splits), **{n: describe_gallery(sp) for n, sp in extra.items()}}
 
         best = state["best"] if state else -math.inf
         global_epoch = state["global_epoch"] if state else 0
@@ -448,7 +450,8 @@ class Trainer:
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
                   **{k: best[k] for k in self.cfg.get("extra_eval_splits") or [] if k in best},
-                  "epochs": len(history), "validation": validation_source(self.cfg), "config": self.cfg,
+                  "epochs": len(history), "validation": validation_source(self.cfg),
+                  "galleries": getattr(self, "galleries", {}), "config": self.cfg,
                   "method_options": getattr(self, "_method_options", None)}
         atomic_write_json(self.run_dir / "results.json", result)
         return result

@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("zeroshot-eval", help="zero-shot metrics (CIRR, FashionIQ both caption orders, CIRCO)")
-    p.add_argument("--run", help="a trained textual_inversion run or checkpoint folder")
-    p.add_argument("--method", help="instead of --run: an untrained method (image_only, text_only, sum)")
-    p.add_argument("--encoder", default="tiny")
-    p.add_argument("--encoder-checkpoint", help="tower weights (e.g. RUN/encoder.safetensors from cir pretrain)")
+    from ..train.models import add_model_options
+    add_model_options(p, required=False, method_default=None,
+                      run_help="a trained textual_inversion run or checkpoint folder")
+    p.add_argument("--phi", help="a released inversion network (SEARLE / LinCIR 'Phi', Pic2Word "
+                                 "'state_dict_img2text') used as textual_inversion's phi on --encoder")
+    p.add_argument("--phi-layout", default="auto", choices=["auto", "searle", "lincir", "pic2word"])
     p.add_argument("--dataset", required=True, choices=["cirr", "fashioniq", "circo"])
     p.add_argument("--root", required=True)
     p.add_argument("--image-root")
@@ -81,17 +83,45 @@ def evaluate_zeroshot(method: Any, dataset: str, root: str, split: str, image_ro
 
 
 def cmd_zeroshot_eval(args: argparse.Namespace) -> int:
-    from ..encoders.registry import build_encoder
-    from ..methods.registry import build_method
-    from ..train.checkpoint import load_method
+    from ..evaluation.runner import describe_gallery
+    from ..train.models import describe_model, model_from_args
 
-    if bool(args.run) == bool(args.method):
-        raise ConfigError("give exactly one of --run (a trained textual_inversion run) or --method")
-    if args.run:
-        method = load_method(args.run)
+    if args.phi:
+        method = _imported_phi_method(args)
     else:
-        method = build_method(args.method, build_encoder(args.encoder, checkpoint=args.encoder_checkpoint))
+        if not args.run and not args.encoder:
+            if not args.method:
+                raise ConfigError("give --run (a trained textual_inversion run), --encoder SPEC --method M, "
+                                  "or --encoder SPEC --phi FILE")
+            args.encoder = "tiny"   # the built-in towers (e.g. with --encoder-checkpoint from cir pretrain)
+        method = model_from_args(args)
     metrics = evaluate_zeroshot(method, args.dataset, args.root, args.split, args.image_root, args.device,
                                 not args.single_order, progress=not args.quiet)
-    print(json.dumps(metrics, indent=2))
+    from ..config import DEFAULTS, merge
+    from ..train.loop import load_data
+    splits = load_data(merge(DEFAULTS, {"dataset": args.dataset, "root": args.root, "image_root": args.image_root}),
+                       args.split, training=False)
+    print(json.dumps({**metrics, "model": describe_model(method), "gallery": describe_gallery(splits)}, indent=2))
     return 0
+
+
+def _imported_phi_method(args: argparse.Namespace) -> Any:
+    """textual_inversion on the --encoder spec, its phi taken from a released checkpoint."""
+    from ..encoders.registry import build_encoder
+    from ..methods.registry import build_method
+    from ..train.models import ModelSpec, _method_config
+    from .importers import import_phi
+
+    if args.run or not args.encoder:
+        raise ConfigError("--phi goes with --encoder SPEC (the CLIP the network was trained for), not --run")
+    if args.method not in (None, "textual_inversion"):
+        raise ConfigError("--phi makes the method textual_inversion; drop --method")
+    spec = ModelSpec(encoder=args.encoder, encoder_checkpoint=args.encoder_checkpoint,
+                     random_weights=bool(args.random_weights))
+    kwargs = {"random_weights": True} if spec.random_weights else {}
+    encoder = build_encoder(spec.encoder, checkpoint=spec.encoder_checkpoint, **kwargs)
+    method = build_method("textual_inversion", encoder, _method_config(args)).eval()
+    layout = import_phi(method, args.phi, args.phi_layout)
+    spec_json = {k: v for k, v in spec.to_json().items() if k != "method"}
+    method.source = {"spec": spec_json, "phi": {"file": str(Path(args.phi).resolve()), "layout": layout}}
+    return method
