@@ -84,11 +84,14 @@ def test_ivfpq_index_build_stores_float16_and_searches_like_exact(tmp_path):
     assert report.recall_at_10 is not None and any("recall@10" in line for line in logs)
     build_index(tmp_path / "flat", gallery, model, **_quiet())
     a, b = Searcher.open(tmp_path / "pq"), Searcher.open(tmp_path / "flat")
-    for ref in names[:3]:    # every list probed and re-ranked exactly: the exact order
-        hits_a = a.search(a.reference(ref), "add a square", 5)
-        hits_b = b.search(b.reference(ref), "add a square", 5)
-        assert [h.name for h in hits_a] == [h.name for h in hits_b]
-        np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=2e-3)
+    for ref in names[:3]:    # every list probed and re-ranked from float16: the exact order up to
+        hits_a = a.search(a.reference(ref), "add a square", 5)        # float16 near-ties
+        hits_b = b.search(b.reference(ref), "add a square", 10)
+        exact = {h.name: h.score for h in hits_b}
+        for got, want in zip(hits_a, hits_b):
+            assert got.name == want.name or (got.name in exact and abs(exact[got.name] - want.score) < 2e-3), \
+                (ref, [h.name for h in hits_a], [h.name for h in hits_b[:5]])
+        np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b[:5]], atol=2e-3)
 
 
 @pytest.mark.parametrize("kind", ["ivfpq", "flat"])

@@ -29,7 +29,7 @@ from ..fileio import atomic_write_text
 from ..methods.base import CIRMethod
 from ..train import distributed
 from . import faiss_index
-from .hits import model_fingerprint, model_key
+from .hits import model_fingerprint, model_key, stored_model
 from .store import PartialBuild, index_exists, read_index, sha256_file, stored_path, write_index
 
 Where = tuple  # ("old", row) in the previous index, or (chunk file, row) in partial/
