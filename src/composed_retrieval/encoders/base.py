@@ -3,6 +3,12 @@
 An encoder pair gives, for a batch, a pooled feature ``[B, d]`` and a token sequence
 ``[B, L, d_tok]`` (spatial tokens for images; word tokens plus a padding mask for texts), and
 can encode a text in which chosen token slots are replaced by given embeddings (pseudo-words).
+
+Optional capability, **multimodal**: ``encode_multimodal(reference, text_ids)`` encodes a
+reference image and a text *together* (BLIP-2's Q-Former: query tokens and words attend to each
+other and cross-attend to the image), what CaLa-BLIP-2's query and SPRC's prompt are made of. An
+encoder that has it sets ``supports_multimodal = True``; a method that needs it calls
+:func:`require_multimodal`, which raises a one-line error for any other encoder.
 """
 from __future__ import annotations
 
@@ -12,25 +18,37 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Features:
     """Pooled and token-level features of one batch.
 
     ``mask`` is True at real tokens and False at padding (texts); None means all tokens are real.
+    ``vision`` (images, optional): the frozen backbone's states that an encoder's multimodal path
+    cross-attends to (BLIP-2: the ViT output); only filled when a multimodal method asks for it.
     """
 
     pooled: torch.Tensor                 # [B, d]
     tokens: torch.Tensor                 # [B, L, d_tok]
     mask: torch.Tensor | None = None     # [B, L] bool
+    vision: torch.Tensor | None = None   # [B, N, d_vision]
 
     def to(self, device: torch.device | str) -> "Features":
         return Features(self.pooled.to(device), self.tokens.to(device),
-                        None if self.mask is None else self.mask.to(device))
+                        None if self.mask is None else self.mask.to(device),
+                        None if self.vision is None else self.vision.to(device))
 
     def detach(self) -> "Features":
         return Features(self.pooled.detach(), self.tokens.detach(),
-                        None if self.mask is None else self.mask.detach())
+                        None if self.mask is None else self.mask.detach(),
+                        None if self.vision is None else self.vision.detach())
+
+    def rows(self, idx: Any) -> "Features":
+        """The rows ``idx`` (index, slice or index tensor) of every field."""
+        return Features(self.pooled[idx], self.tokens[idx], None if self.mask is None else self.mask[idx],
+                        None if self.vision is None else self.vision[idx])
 
     def __len__(self) -> int:
         return self.pooled.shape[0]
@@ -71,6 +89,18 @@ class EncoderPair(nn.Module):
     def image_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    #: True for encoders with ``encode_multimodal`` (see the module docstring)
+    supports_multimodal: bool = False
+
+    def encode_multimodal(self, reference: torch.Tensor | Features, token_ids: torch.Tensor,
+                          slot_embeddings: torch.Tensor | None = None) -> Features:
+        """Reference image (pixels, or Features carrying ``vision``) and text encoded together."""
+        raise MissingCapability(f"encoder {self.config.get('name', type(self).__name__)!r} has no multimodal "
+                                "path (image and text encoded together); use a BLIP-2 encoder (blip2:DIR)")
+
+    def multimodal_parameters(self) -> list[nn.Parameter]:
+        return []
+
     def text_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
@@ -80,6 +110,17 @@ class EncoderPair(nn.Module):
 
     def encode_texts(self, texts: list[str], slot_embeddings: torch.Tensor | None = None) -> Features:
         return self.encode_text(self.tokenize(texts).to(self.device), slot_embeddings)
+
+
+class MissingCapability(ConfigError, ValueError):
+    """A method asked an encoder for an optional capability it lacks (CLI: a one-line error)."""
+
+
+def require_multimodal(encoder: EncoderPair, method: str) -> None:
+    if not getattr(encoder, "supports_multimodal", False):
+        raise MissingCapability(f"method {method!r} needs an encoder with a multimodal path (image and text "
+                                f"encoded together, e.g. blip2:DIR); encoder "
+                                f"{encoder.config.get('name', type(encoder).__name__)!r} has none")
 
 
 def replace_slots(word_embeddings: torch.Tensor, token_ids: torch.Tensor, slot_token_id: int,

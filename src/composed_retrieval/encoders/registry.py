@@ -20,7 +20,8 @@ from ..errors import CheckpointError, ConfigError
 from .base import EncoderPair
 
 OPEN_CLIP_PREFIX = "open_clip:"
-ENCODER_CHOICES = ("tiny", "open_clip:<model> (e.g. open_clip:RN50x4, open_clip:ViT-B-32, open_clip:ViT-L-14)")
+ENCODER_CHOICES = ("tiny", "open_clip:<model> (e.g. open_clip:RN50x4, open_clip:ViT-B-32, open_clip:ViT-L-14)",
+                   "blip2:<Hugging Face BLIP-2 folder or LAVIS .pth>")
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -97,6 +98,9 @@ def build_encoder(name: str, checkpoint: str | Path | None = None, **kw: Any) ->
             load_weights(encoder, checkpoint)
             encoder.config["checkpoint"] = str(Path(checkpoint).resolve())
         return encoder
+    if isinstance(name, str) and (name == "blip2" or name.startswith("blip2:")):
+        from .blip2 import build_blip2
+        return build_blip2(name, checkpoint, **kw)
     if isinstance(name, str) and name.startswith(OPEN_CLIP_PREFIX) and len(name) > len(OPEN_CLIP_PREFIX):
         from .openclip import OpenCLIPEncoder
         try:
