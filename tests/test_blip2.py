@@ -304,6 +304,16 @@ def test_cala_blip2_loss_matches_public_formula(hf_dir: Path) -> None:
     assert abs(out["loss"].item() - expected.item()) < TOL
 
 
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """The tiny Q-Former is thousands of small ops: on a loaded 2-core machine two OpenMP threads
+    wait on each other far longer than they compute (a 40 s run took 400 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _train(argv_extra: list[str], root: Path, out: Path) -> dict:
     from composed_retrieval.cli import main
     argv = ["train", "--config", str(Path(__file__).parents[1] / "src/composed_retrieval/configs/cala_blip2_tiny.json"),
@@ -381,3 +391,43 @@ def test_spn_generated_positives_and_static_negatives_on_blip2(synth_tiny: Path,
     with torch.no_grad():
         expected = method.gallery_embedding(enc.encode_image(x))
     assert (vectors[:3] - expected).abs().max() < 1e-2     # the cache stores float16 features
+
+
+def test_cir_eval_off_the_shelf_blip2_folder(hf_dir: Path, synth_tiny: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`cir eval --encoder blip2:DIR --method sum` with no run folder (the encoder-spec path of `cir eval`)."""
+    from composed_retrieval.cli import main
+
+    try:
+        main(["eval", "--help"])
+    except SystemExit:
+        pass
+    if "--encoder" not in capsys.readouterr().out:
+        pytest.skip("`cir eval --encoder` (the encoder-spec path) is not on this branch yet")
+    assert main(["eval", "--encoder", f"blip2:{hf_dir}", "--method", "sum", "--dataset", "cirr",
+                 "--root", str(synth_tiny), "--device", "cpu", "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"recall@1", "recall@5", "recall_subset@1", "avg"} <= set(metrics)
+    assert 0.0 <= metrics["recall@50"] <= 100.0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(hf_dir: Path) -> None:
+    from composed_retrieval.methods.registry import build_method
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)     # the same TAC/HCA initialisation
+        method = build_method("cala_blip2", Blip2Encoder(hf_dir, gradient_checkpointing=checkpointing),
+                              {"hca_dropout": 0.0}).train()
+        for m in method.modules():    # training mode (checkpointing is on) without dropout: identical runs
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+        method.train_text_tower = method.train_image_tower = True
+        ids = method.encoder.tokenize(TEXTS)
+        out = method({"reference": _pixels(3, seed=4), "target": _pixels(3, seed=5), "text": ids})
+        params = method.trainable_parameters()
+        grads.append(torch.autograd.grad(out["loss"], params, allow_unused=True))
+    for a, b in zip(*grads):
+        if a is not None:
+            _close(a, b)

@@ -95,6 +95,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["tiny_vit_l"] = {**PRESETS["tiny"], "vision": "clip_vit_l"}
 
 
+class _QuietTransformers:
+    """transformers draws a progress bar for every weight load; a CLI error or result is one line."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+        if self.was:
+            hf_logging.enable_progress_bar()
+
+
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -502,8 +516,17 @@ class Blip2Encoder(EncoderPair):
         #: methods with a multimodal path set this so image Features carry the ViT states
         self.keep_vision = False
         self._roles = {r: "qformer" for r in ROLES}
-        if gradient_checkpointing:
-            self.qformer.qformer.gradient_checkpointing_enable()
+        if gradient_checkpointing:   # non-reentrant: the Q-Former's inputs need no grad of their own
+            from transformers.utils import logging as hf_logging
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.qformer.qformer.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+            finally:
+                hf_logging.set_verbosity(level)
         if qformer_roles == "separate":
             self.split_roles()
         self._setup_dims()
@@ -557,7 +580,7 @@ class Blip2Encoder(EncoderPair):
             raise CheckpointError(f"a {'/'.join(archs) or 'Blip2Model'} folder: its Q-Former has no text input; use a "
                                   "Blip2ForImageTextRetrieval folder (e.g. blip2-itm-vit-g)", folder)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _QuietTransformers():
                 warnings.simplefilter("ignore")
                 model = Blip2ForImageTextRetrieval.from_pretrained(str(folder), local_files_only=True,
                                                                    dtype=torch.float32)
@@ -784,5 +807,6 @@ def save_random_folder(folder: str | Path, preset: str = "tiny", vocab_words: li
     model = Blip2ForImageTextRetrieval(config).eval()
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
-    model.save_pretrained(str(folder))
+    with _QuietTransformers():
+        model.save_pretrained(str(folder))
     return folder
