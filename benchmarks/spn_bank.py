@@ -24,7 +24,7 @@ import torch
 
 from composed_retrieval.encoders.base import Features
 from composed_retrieval.spn.bank import bank_loss, build_bank, load_bank, save_bank
-from composed_retrieval.train.sources import FeatureTable
+from composed_retrieval.cache import FeatureTable
 
 
 class _Split:

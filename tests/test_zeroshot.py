@@ -71,7 +71,8 @@ def test_prompt_splice_equals_tokenizing_the_whole_prompt(which, request):
 
 
 def test_noun_masking_picks_the_shape_word():
-    find = noun_finder("synthetic")
+    from composed_retrieval.synth.world import NOUNS
+    find = noun_finder("synthetic", {"synthetic": NOUNS})
     cap = "a large red circle at the top left and a small blue square at the center"
     spans = find(cap)
     assert [cap[a:b] for a, b in spans] == ["circle", "square"]
@@ -189,7 +190,8 @@ def test_phi_trains_while_both_towers_stay_frozen_in_the_shared_loop(synth, tmp_
 def test_open_clip_random_weights_whole_path(vit, synth):
     """phi -> slot -> text tower -> compose -> shared CIRR evaluation, and one masked training step."""
     from composed_retrieval.data.registry import load_splits
-    from composed_retrieval.train.sources import PixelSource, encode_with
+    from composed_retrieval.cache import encode_with
+    from composed_retrieval.data.pixels import PixelSource
     from composed_retrieval.zeroshot.evaluate import zeroshot_evaluate
 
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from .encoders.base import EncoderPair, Features
 from .errors import CIRError, ConfigError, DataError
@@ -213,3 +214,47 @@ class FeatureCache:
 
 class _Damaged(Exception):
     """A cache entry that must be rebuilt (message: one line, names the file)."""
+
+
+# ---- encoded features by name (evaluation and the training loop read them) ----
+class FeatureTable:
+    """Encoded images by name: ``lookup(name)`` for datasets, ``take(names)`` for batches."""
+
+    def __init__(self, names: Sequence[str], features: Features) -> None:
+        self.names = list(names)
+        self.features = features
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def rows(self, names: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.index[n] for n in names], dtype=torch.long)
+
+    def take(self, names: Sequence[str]) -> Features:
+        return self.features.rows(self.rows(names))
+
+    def lookup(self, name: str) -> Features:
+        return self.features.rows(self.index[name])
+
+
+@torch.no_grad()
+def encode_with(encoder: EncoderPair, names: Sequence[str], pixels: Callable[[str], torch.Tensor],
+                batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True,
+                keep_tokens: bool = True) -> FeatureTable:
+    """Encode images given by a pixel source with the encoder's current weights."""
+    names = list(dict.fromkeys(names))
+    pooled, tokens, masks, vision = [], [], [], []
+    was_training = encoder.training
+    encoder.eval()
+    for start in tqdm(range(0, len(names), batch_size), desc="encode images", disable=not progress, leave=False):
+        chunk = names[start:start + batch_size]
+        x = torch.stack([pixels(n) for n in chunk]).to(device)
+        f = encoder.encode_image(x)
+        pooled.append(f.pooled.float().cpu())
+        tokens.append(f.tokens.cpu() if keep_tokens else f.tokens[:, :0].cpu())
+        if f.mask is not None:
+            masks.append(f.mask.cpu())
+        if f.vision is not None:   # a multimodal method's reference images (features.py)
+            vision.append(f.vision.cpu())
+    encoder.train(was_training)
+    feats = Features(torch.cat(pooled), torch.cat(tokens), torch.cat(masks) if masks else None,
+                     torch.cat(vision) if vision else None)
+    return FeatureTable(names, feats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .train.distributed import gather_rows, gathering, global_labels_and_norm
+from .gather import gather_rows, gathering, global_labels_and_norm
 
 
 def batch_contrastive(query: torch.Tensor, target: torch.Tensor, scale: float = 100.0,

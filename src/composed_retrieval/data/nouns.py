@@ -1,13 +1,12 @@
 """Pick one noun of a caption and replace it by the pseudo-word slot "$" (masked captions).
 
-The masked zero-shot objective (arXiv 2406.18836, DESIGN section 3) masks *one noun* per
-caption. Where nouns come from:
+The masked zero-shot objective (arXiv 2406.18836) masks *one noun* per caption. Where nouns
+come from:
 
-* ``"synthetic"``: the synthetic benchmark's captions are generated from a known vocabulary;
-  their nouns are exactly the shape words (``synth.world.SHAPES``: circle, square, triangle),
-  the head noun of every object phrase ("a large red *circle* at the top left"). Colour and size
-  words are adjectives and positions are prepositional phrases, so they are not masked.
-* a list of words: any caption set with a known noun vocabulary.
+* a list of words: any caption set with a known noun vocabulary. The synthetic benchmark hands
+  over its own (``synth.world.NOUNS``, the shape words: the head noun of every object phrase, "a
+  large red *circle* at the top left"; colours and sizes are adjectives); the method resolves
+  the name ``"synthetic"`` to it, so this data module knows no benchmark.
 * ``"pos"``: real captions (CC3M-like) need a part-of-speech tagger. Used when importable,
   in this order, and never a dependency of this package:
 
@@ -25,17 +24,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import ConfigError
 
 SLOT = "$"
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
-
-
-def synthetic_nouns() -> tuple[str, ...]:
-    from ..synth.world import SHAPES
-    return tuple(SHAPES)
 
 
 def vocabulary_finder(words: Sequence[str]) -> Callable[[str], list[tuple[int, int]]]:
@@ -70,14 +64,18 @@ def _tagger() -> Callable[[str], list[tuple[int, int]]]:
     return find
 
 
-def noun_finder(spec: str | Sequence[str]) -> Callable[[str], list[tuple[int, int]]]:
-    """``"synthetic"``, ``"pos"`` or a list of noun words -> caption -> noun character spans."""
+def noun_finder(spec: str | Sequence[str],
+                named: Mapping[str, Sequence[str]] | None = None) -> Callable[[str], list[tuple[int, int]]]:
+    """``"pos"``, a list of noun words, or a name in ``named`` (vocabularies the caller hands
+    over, e.g. a benchmark's) -> caption -> noun character spans."""
+    named = dict(named or {})
     if isinstance(spec, str):
-        if spec == "synthetic":
-            return vocabulary_finder(synthetic_nouns())
+        if spec in named:
+            return vocabulary_finder(list(named[spec]))
         if spec == "pos":
             return _tagger()
-        raise ConfigError(f"noun source must be 'synthetic', 'pos' or a list of words, got {spec!r}")
+        choices = ", ".join(repr(k) for k in [*named, "pos"])
+        raise ConfigError(f"noun source must be {choices} or a list of words, got {spec!r}")
     return vocabulary_finder(list(spec))
 
 

@@ -147,36 +147,3 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         x = self.image_fn(self.names[index])
         return {"reference": x, "target": x, "caption": self.pairs.captions[index], "index": index}
-
-
-#: in-process memo of the last decoded pair images and encoded features, so several runs in
-#: one process (benchmarks, sweeps) decode and encode the same pair file once
-_MEMO: dict[str, tuple[Any, Any]] = {}
-
-
-def pair_training_data(cfg: dict[str, Any], method: Any, progress: bool = True) -> list[PairDataset]:
-    """The training datasets for a method with ``train_on == "pairs"`` (the loop's hook).
-
-    Pixels when the method needs them (CAM masking runs the image tower on masked images),
-    otherwise the frozen image tower's pooled features, encoded once.
-    """
-    from ..cache import weights_hash
-    from ..train.sources import PixelSource, encode_with
-
-    pairs = pairs_from_config(cfg, cfg.get("root"))
-    transform = method.encoder.image_transform(cfg["preprocess"])
-    names = [str(p) for p in pairs.paths]
-    key = repr((names, cfg["preprocess"], transform.size))
-    if _MEMO.get("pixels", (None,))[0] != key:
-        _MEMO.clear()
-        _MEMO["pixels"] = (key, PixelSource(names, Path, transform, cfg["preload_pixels_max_mb"],
-                                            cfg["num_workers"], progress))
-    pixels = _MEMO["pixels"][1]
-    if getattr(method, "needs_pixels", False):
-        return [PairDataset(pairs, pixels)]
-    fkey = key + weights_hash(method.encoder)
-    if _MEMO.get("features", (None,))[0] != fkey:
-        device = next(method.parameters()).device
-        _MEMO["features"] = (fkey, encode_with(method.encoder, names, pixels, cfg["eval_batch_size"], device,
-                                               progress, keep_tokens=False))
-    return [PairDataset(pairs, _MEMO["features"][1].lookup)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..encoders.base import Features
+from ..features import Features
 from ..errors import DataError
 from .base import CIRSplit
 

@@ -1,4 +1,4 @@
-"""The encoder interface every method builds on (DESIGN section 2).
+"""The encoder interface every method builds on.
 
 An encoder pair gives, for a batch, a pooled feature ``[B, d]`` and a token sequence
 ``[B, L, d_tok]`` (spatial tokens for images; word tokens plus a padding mask for texts), and
@@ -12,46 +12,13 @@ encoder that has it sets ``supports_multimodal = True``; a method that needs it 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-
-@dataclass
-class Features:
-    """Pooled and token-level features of one batch.
-
-    ``mask`` is True at real tokens and False at padding (texts); None means all tokens are real.
-    ``vision`` (images, optional): the frozen backbone's states that an encoder's multimodal path
-    cross-attends to (BLIP-2: the ViT output); only filled when a multimodal method asks for it.
-    """
-
-    pooled: torch.Tensor                 # [B, d]
-    tokens: torch.Tensor                 # [B, L, d_tok]
-    mask: torch.Tensor | None = None     # [B, L] bool
-    vision: torch.Tensor | None = None   # [B, N, d_vision]
-
-    def to(self, device: torch.device | str) -> "Features":
-        return Features(self.pooled.to(device), self.tokens.to(device),
-                        None if self.mask is None else self.mask.to(device),
-                        None if self.vision is None else self.vision.to(device))
-
-    def detach(self) -> "Features":
-        return Features(self.pooled.detach(), self.tokens.detach(),
-                        None if self.mask is None else self.mask.detach(),
-                        None if self.vision is None else self.vision.detach())
-
-    def rows(self, idx: Any) -> "Features":
-        """The rows ``idx`` (index, slice or index tensor) of every field."""
-        return Features(self.pooled[idx], self.tokens[idx], None if self.mask is None else self.mask[idx],
-                        None if self.vision is None else self.vision[idx])
-
-    def __len__(self) -> int:
-        return self.pooled.shape[0]
+from ..features import Features  # noqa: F401  (re-exported: the interface output type)
 
 
 class EncoderPair(nn.Module):

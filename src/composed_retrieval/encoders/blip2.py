@@ -67,6 +67,7 @@ from torch import nn
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, ConfigError
 from .base import EncoderPair, Features, replace_slots
+from .weights import _one_line
 
 SLOT_WORD = "$"
 SPACES = ("hidden", "projected")
@@ -107,11 +108,6 @@ class _QuietTransformers:
         from transformers.utils import logging as hf_logging
         if self.was:
             hf_logging.enable_progress_bar()
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
@@ -294,7 +290,8 @@ class ViTCache:
 
 # ---- LAVIS checkpoints ---------------------------------------------------------------------------
 def read_lavis(path: str | Path) -> dict[str, torch.Tensor]:
-    """A LAVIS checkpoint's state dict (``{"model": ...}`` or flat), refusing Python objects."""
+    """A LAVIS checkpoint's state dict (``{"model": ...}`` or flat), refusing Python objects
+    (``weights.read_state_dict`` wants a file of tensors only; LAVIS's also hold the epoch etc.)."""
     import pickle
 
     path = Path(path)

@@ -29,7 +29,7 @@ from torch import nn
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, ConfigError
 from .base import EncoderPair, Features, replace_slots
-from .registry import _one_line, is_torchscript_archive, read_state_dict
+from .weights import _one_line, is_torchscript_archive, read_state_dict
 
 SLOT_WORD = "$"
 

@@ -7,7 +7,7 @@ import torch
 
 from ..data.base import CIRSplit
 from ..methods.base import CIRMethod
-from ..train.sources import FeatureTable
+from ..cache import FeatureTable
 
 
 @torch.no_grad()

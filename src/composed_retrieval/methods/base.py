@@ -106,3 +106,62 @@ class CIRMethod(nn.Module):
     # ---- helpers shared by methods -----------------------------------------------------
     def query_from_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.compose(self.image_features(batch["reference"]), self.text_features(batch["text"]))
+
+
+# ---- helpers shared by the methods (option parsing, the sum query, parameter groups) ----
+#: keys of CIRMethod's own config that every method accepts
+BASE_KEYS = {"train_image_tower": False, "train_text_tower": False}
+
+
+def read_options(method: str, config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with ``config``, each value checked against its default's type.
+
+    Unknown keys are an error (a typo such as ``w_hac`` must not silently train the default).
+    """
+    allowed = {**BASE_KEYS, **defaults}
+    out = dict(allowed)
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key not in allowed:
+            raise ConfigError(f"method_config.{key}: unknown option for {method}; expected one of "
+                              f"{', '.join(sorted(allowed))}")
+        default = allowed[key]
+        if default is None:
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+            kind = "a positive integer or null"
+        elif isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, kind = isinstance(value, type(default)), type(default).__name__
+        if not ok:
+            raise ConfigError(f"method_config.{key}: expected {kind} for {method}, got {value!r}")
+        out[key] = float(value) if isinstance(default, float) else value
+    return out
+
+
+def check_weight(method: str, key: str, value: float, upper_open: bool = False) -> None:
+    if not 0.0 <= value <= 1.0 or (upper_open and value == 1.0):
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        raise ConfigError(f"method_config.{key}: must be in {bound} for {method}, got {value}")
+
+
+def require_tokens(features: Features, role: str, method: str) -> None:
+    if features.tokens is None or features.tokens.dim() != 3 or features.tokens.shape[1] == 0:
+        raise ConfigError(f"{method} needs token-level {role} features [B, L, d_tok]; the feature cache "
+                          f"must be built with tokens")
+
+
+def sum_compose(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIP4Cir's stage-1 query: the element-wise sum of the normalised features, normalised
+    (the same formula as the ``sum`` baseline)."""
+    return F.normalize(F.normalize(image, dim=-1) + F.normalize(text, dim=-1), dim=-1)
+
+
+def excluding(params: list[nn.Parameter], modules: list[nn.Module]) -> list[nn.Parameter]:
+    drop = {id(p) for m in modules for p in m.parameters()}
+    return [p for p in params if id(p) not in drop]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..encoders.base import Features
 from ..losses import batch_contrastive
-from .base import CIRMethod
+from .base import CIRMethod, sum_compose
 from .registry import register_method
 
 
@@ -42,5 +42,4 @@ class TextOnly(_Fixed):
 @register_method("sum")
 class Sum(_Fixed):
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
-        return F.normalize(F.normalize(reference.pooled.float(), dim=-1)
-                           + F.normalize(text.pooled.float(), dim=-1), dim=-1)
+        return sum_compose(reference.pooled.float(), text.pooled.float())

@@ -43,11 +43,10 @@ from torch import nn
 
 from ..encoders.base import EncoderPair, Features
 from ..errors import ConfigError
+from ..gather import gather_rows   # identity outside a multi-process global batch
 from ..losses import diagonal_cross_entropy
-from ..train.distributed import gather_rows   # identity outside a multi-process global batch
-from .base import CIRMethod
+from .base import CIRMethod, check_weight, excluding, read_options, require_tokens, sum_compose
 from .combiner import CombinerNet
-from .dra import check_weight, excluding, read_options, require_tokens, sum_compose
 from .hca import HingeCrossAttention
 from .registry import register_method
 from .tac import TwinAttentionCompositor

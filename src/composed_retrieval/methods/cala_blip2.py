@@ -49,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders.base import EncoderPair, Features, require_multimodal
+from ..gather import gather_rows   # identity outside a multi-process global batch
 from ..losses import diagonal_cross_entropy
-from ..train.distributed import gather_rows   # identity outside a multi-process global batch
-from .base import CIRMethod
-from .dra import check_weight, excluding, read_options
+from .base import CIRMethod, check_weight, excluding, read_options
 from .hca import HingeCrossAttention
 from .registry import register_method
 from .tac import TwinAttentionCompositor

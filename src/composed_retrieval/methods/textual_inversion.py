@@ -135,7 +135,8 @@ class TextualInversion(CIRMethod):
     def noun_spans(self, caption: str) -> list[tuple[int, int]]:
         if self._nouns is None:
             from ..data.nouns import noun_finder
-            self._nouns = noun_finder(self.config["nouns"])
+            from ..synth.world import NOUNS   # the synthetic benchmark's vocabulary, by name
+            self._nouns = noun_finder(self.config["nouns"], {"synthetic": NOUNS})
         return self._nouns(caption)
 
     # ---- inference ------------------------------------------------------------------------

@@ -162,11 +162,15 @@ def hf_model_captioner(path: str | Path, device: str = "cpu", max_new_tokens: in
         raise ConfigError("captioner model:PATH needs the 'transformers' package, which is not installed; "
                           "install it, or caption the images elsewhere and pass file:CAPTIONS.tsv") from None
     import torch
-    from transformers import AutoModelForVision2Seq, AutoProcessor
+    from transformers import AutoProcessor
+    try:  # transformers 5 renamed the image-to-text auto class
+        from transformers import AutoModelForImageTextToText as AutoImageToText
+    except ImportError:
+        from transformers import AutoModelForVision2Seq as AutoImageToText
 
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForVision2Seq.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        model = AutoImageToText.from_pretrained(str(path), local_files_only=True).to(device).eval()
     except Exception as exc:  # transformers raises many types for a bad folder
         raise ConfigError(f"cannot load an image-to-text model from {path}: {' '.join(str(exc).split())[:200]}") from None
 

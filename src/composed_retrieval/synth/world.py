@@ -15,6 +15,8 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white")
 SIZES = ("small", "large")
+#: the nouns of the captions (every object phrase's head noun), handed to the noun finder
+NOUNS = SHAPES
 #: grid cells in reading order: cell = 3 * row + col
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 _PREPOSITION = ("at the", "at the", "at the", "on the", "in the", "on the", "at the", "at the", "at the")

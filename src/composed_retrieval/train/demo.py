@@ -27,8 +27,12 @@ def demo_config_path(method: str) -> Path:
 def ensure_synth(data: Path, size: str, seed: int, progress: bool) -> None:
     if (data / "synth.json").is_file():
         return
-    from ..cli import main
-    main(["synth", "--out", str(data), "--size", size, "--seed", str(seed)])
+    import os
+
+    from ..synth.writer import write_synth
+    meta = write_synth(data, seed, size, "cirr", min(2, os.cpu_count() or 1))
+    print(json.dumps({"out": str(data), "format": meta["format"], "seed": meta["seed"], "size": meta["size"],
+                      "images": meta["images"], "triplets": meta["triplets"]}))
 
 
 def run_demo(out: Path, method: str = "combiner", seed: int = 0, size: str = "small", config: str | None = None,

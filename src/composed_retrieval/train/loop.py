@@ -25,7 +25,8 @@ from ..methods.base import CIRMethod
 from . import checkpoint as ckpt
 from . import distributed
 from .optim import build_optimizer, set_epoch_lr
-from .sources import FeatureTable, PixelSource, encode_with
+from ..cache import FeatureTable, encode_with
+from ..data.pixels import PixelSource
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,7 +204,7 @@ class Trainer:
                 fns = [t.lookup for t in train_tables]
             datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
             if on_pairs and not stage.get("spn_negatives"):  # zero-shot hook (see above): pair datasets replace the triplet ones (SPN: not in a bank stage)
-                from ..data.pairs import pair_training_data
+                from .sources import pair_training_data
                 datasets = pair_training_data(cfg, method, self.progress)
             data = ConcatDataset(datasets)
             self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step

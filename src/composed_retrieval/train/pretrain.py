@@ -41,7 +41,7 @@ def caption_to_image_recall(encoder: Any, pixels: torch.Tensor, captions: list[s
 
 def _pixel_source(pairs: Any, encoder: Any) -> tuple[Any, list[str]]:
     """Decoded once, kept as uint8; batches are normalised on the fly (4x less memory)."""
-    from ..train.sources import PixelSource
+    from ..data.pixels import PixelSource
 
     names = [str(p) for p in pairs.paths]
     return PixelSource(names, Path, encoder.image_transform("targetpad"), progress=False), names

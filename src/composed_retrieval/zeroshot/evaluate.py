@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..data.base import CIRSplit
 from ..methods.base import CIRMethod
-from ..train.sources import FeatureTable
+from ..cache import FeatureTable
 
 _STRIP = ".?, "
 
