@@ -66,6 +66,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, atomic_write_text
 from .base import EncoderPair, Features, replace_slots
 from .weights import _one_line
 
@@ -125,7 +126,7 @@ def write_vocab(folder: str | Path, words: list[str] | tuple[str, ...] = ()) -> 
         w = w.strip().lower()
         if w and w not in vocab:
             vocab.append(w)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "vocab.txt", "\n".join(vocab) + "\n")
     BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(str(folder))
     return folder
 
@@ -273,7 +274,6 @@ class ViTCache:
         if self.folder is not None:
             from safetensors.torch import save_file
 
-            from ..fileio import atomic_write
             path = self.folder / key[:2] / f"{key}.safetensors"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
