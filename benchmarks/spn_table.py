@@ -169,7 +169,9 @@ def main() -> int:
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--tau", type=float, default=0.03)
+    ap.add_argument("--tau", type=float, default=0.03,
+                    help="bank temperature (default 0.03, SPN4CIR's BLIP4CIR FashionIQ value, which the README's "
+                         "table used; SPN4CIR's CLIP4Cir recipe uses 0.02)")
     ap.add_argument("--k", type=int, default=None, help="sampled negatives (default: the whole bank)")
     ap.add_argument("--window", default="7200,10800",
                     help="partner rank window for the positives (default: SPN4CIR's CIRR window 10000-15000 of "

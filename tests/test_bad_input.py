@@ -226,12 +226,12 @@ CONFIG_CASES = {
     "unknown_key": (json.dumps({"learning_rate": 3}), r"unknown config keys: learning_rate"),
     "stages_wrong_type": (json.dumps({"stages": "main"}), r"'stages' must be a non-empty list"),
     "epochs_string": (json.dumps({"stages": [{"name": "main", "epochs": "2"}]}), r"stages\[0\]\.epochs"),
-    "lr_string": (json.dumps({"stages": [{"name": "main", "lr": "fast"}]}), r"stages\[0\]\.lr must be a non-negative number"),
-    "seed_string": (json.dumps({"seed": "abc"}), r"'seed' must be a non-negative integer"),
-    "batch_size_zero": (json.dumps({"batch_size": 0}), r"'batch_size' must be a positive integer"),
-    "grad_clip_string": (json.dumps({"grad_clip": "x"}), r"'grad_clip' must be a non-negative number"),
+    "lr_string": (json.dumps({"stages": [{"name": "main", "lr": "fast"}]}), r"stages\[0\]\.lr must be a finite number >= 0"),
+    "seed_string": (json.dumps({"seed": "abc"}), r"'seed' must be an integer >= 0"),
+    "batch_size_zero": (json.dumps({"batch_size": 0}), r"'batch_size' must be an integer >= 1"),
+    "grad_clip_string": (json.dumps({"grad_clip": "x"}), r"'grad_clip' must be a finite number >= 0 or null"),
     "extra_eval_string": (json.dumps({"extra_eval_splits": "heldout"}), r"'extra_eval_splits' must be a list"),
-    "num_workers_negative": (json.dumps({"num_workers": -1}), r"'num_workers' must be a non-negative integer"),
+    "num_workers_negative": (json.dumps({"num_workers": -1}), r"'num_workers' must be an integer >= 0"),
     "amp_string": (json.dumps({"amp": "yes"}), r"'amp' must be true or false"),
 }
 

@@ -114,6 +114,7 @@ def test_upload_search_then_refine_by_clicking_a_result(server, page, tmp_path):
 def test_gallery_pick_and_error_message(server, page):
     expect = sync_api.expect
     page.goto(server["url"])
+    expect(page.locator("#status")).to_contain_text("16 images")    # limits read from /healthz
     page.locator("#gallery .card").nth(2).click()
     expect(page.locator("#ref-label")).to_have_text(f"Gallery: {server['names'][2]}")
     page.fill("#text", "")
@@ -123,4 +124,113 @@ def test_gallery_pick_and_error_message(server, page):
     page.fill("#text", "x" * 600)                         # over the server's 500-character limit
     page.click("#search-btn")
     expect(page.locator("#error")).to_contain_text("above the limit of 500")
+    assert page.errors == []
+
+
+def _search(page, text: str) -> None:
+    page.fill("#text", text)
+    page.click("#search-btn")
+    sync_api.expect(page.locator("#results-title")).to_have_text(f"Results for “{text}”")
+
+
+def _visible_broken_images(page) -> int:
+    return page.evaluate("Array.from(document.images).filter(i => i.offsetParent !== null && "
+                         "i.getAttribute('src') && i.complete && i.naturalWidth === 0).length")
+
+
+def test_result_opens_full_size_without_replacing_the_reference(server, page, tmp_path):
+    expect = sync_api.expect
+    page.goto(server["url"])
+    page.locator("#gallery .card").nth(1).click()
+    _search(page, "add a circle")
+    first = page.locator("#results .card").first
+    name = first.get_attribute("data-name")
+    first.locator(".full").click()
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#viewer-name")).to_have_text(name)
+    page.wait_for_function("document.getElementById('viewer-img').complete && "
+                           "document.getElementById('viewer-img').naturalWidth > 0")
+    assert page.evaluate("document.getElementById('viewer-img').naturalWidth") == 48   # the file, not a thumbnail
+    assert page.locator("#viewer-open").get_attribute("href") == f"/images/{name}"
+    _shot(page, tmp_path, "viewer.png")
+    page.click("#viewer-close")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator("#ref-label")).to_have_text(f"Gallery: {server['names'][1]}")   # unchanged
+    assert page.errors == []
+
+
+def test_steps_go_back_undo_and_reset(server, page, tmp_path):
+    expect = sync_api.expect
+    page.goto(server["url"])
+    names = server["names"]
+    page.locator("#gallery .card").nth(4).click()
+    _search(page, "add a circle")
+    second_ref = page.locator("#results .card").first.get_attribute("data-name")
+    page.locator("#results .card").first.click()
+    _search(page, "make it red")
+    steps = page.locator("#history .step")
+    expect(steps).to_have_count(2)
+    expect(page.locator("#history li.current .step")).to_have_text(f"{second_ref} → “make it red”")
+    _shot(page, tmp_path, "steps.png")
+
+    steps.nth(0).click()                                  # back to step 1: its reference, text, results
+    expect(page.locator("#ref-label")).to_have_text(f"Gallery: {names[4]}")
+    expect(page.locator("#results-title")).to_have_text("Results for “add a circle”")
+    assert page.input_value("#text") == "add a circle"
+    expect(page.locator("#history li.current .step")).to_have_text(f"{names[4]} → “add a circle”")
+    steps.nth(1).click()
+    expect(page.locator("#ref-label")).to_have_text(f"Gallery: {second_ref}")
+
+    page.click("#undo")                                   # undo step 2
+    expect(steps).to_have_count(1)
+    expect(page.locator("#results-title")).to_have_text("Results for “add a circle”")
+    expect(page.locator("#ref-label")).to_have_text(f"Gallery: {names[4]}")
+    page.click("#undo")                                   # undo step 1: its reference stays, no results
+    expect(page.locator("#steps")).to_be_hidden()
+    expect(page.locator("#results-section")).to_be_hidden()
+    expect(page.locator("#ref-label")).to_have_text(f"Gallery: {names[4]}")
+
+    _search(page, "add a circle")
+    page.click("#reset")
+    expect(page.locator("#steps")).to_be_hidden()
+    expect(page.locator("#results-section")).to_be_hidden()
+    expect(page.locator("#ref-label")).to_have_text("No reference yet")
+    expect(page.locator("#ref-img")).to_be_hidden()
+    assert page.input_value("#text") == ""
+    assert page.errors == []
+
+
+def test_bad_upload_shows_no_broken_image_and_a_failed_search_clears_results(server, page, tmp_path):
+    expect = sync_api.expect
+    page.goto(server["url"])
+    page.locator("#gallery .card").nth(0).click()
+    _search(page, "add a circle")
+    expect(page.locator("#results .card")).to_have_count(10)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a PNG at all")
+    page.set_input_files("#file", str(bad))
+    expect(page.locator("#no-preview")).to_be_visible()
+    expect(page.locator("#ref-img")).to_be_hidden()
+    expect(page.locator("#ref-label")).to_have_text("Uploaded: broken.png (no preview)")
+    assert _visible_broken_images(page) == 0
+    page.fill("#text", "make it red")
+    page.click("#search-btn")
+    expect(page.locator("#error")).to_contain_text("uploaded file 'broken.png': not a readable image")
+    expect(page.locator("#results-section")).to_be_hidden()          # the old results are gone
+    expect(page.locator("#results .card")).to_have_count(0)
+    assert _visible_broken_images(page) == 0
+    _shot(page, tmp_path, "bad_upload.png")
+    assert page.errors == []
+
+
+def test_text_cut_at_the_limit_is_announced(server, page):
+    expect = sync_api.expect
+    page.goto(server["url"])
+    expect(page.locator("#status")).to_contain_text("16 images")
+    page.locator("#text").click()
+    page.keyboard.insert_text("y" * 600)                 # like a paste: the field keeps 500
+    assert len(page.input_value("#text")) == 500
+    expect(page.locator("#text-note")).to_have_text("Text cut at 500 characters, the server's limit.")
+    page.fill("#text", "short")
+    expect(page.locator("#text-note")).to_be_hidden()
     assert page.errors == []

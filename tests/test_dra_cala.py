@@ -208,8 +208,13 @@ def test_dra_loss_switches_remove_gradients():
     no_implicit = build(DRA, implicit=False)
     losses = backward(no_implicit, "main")
     assert "implicit" not in losses
-    assert no_grad(no_implicit.align_head) and has_grad(no_implicit.tac)   # TAC still feeds Fc + Fv
+    # Fv compensates the text with a stop-gradient: without the implicit term nothing trains TAC
+    assert no_grad(no_implicit.align_head) and no_grad(no_implicit.tac)
+    assert not {id(p) for p in no_implicit.tac.parameters()} & {id(p) for p in no_implicit.trainable_parameters()}
     assert all(p.grad is None for p in no_implicit.align_head.parameters())
+    literal = build(DRA, implicit=False, compensation="target")
+    backward(literal, "main")
+    assert has_grad(literal.tac)   # the leaky literal reading trains TAC through Fc + Fv
 
     no_explicit = build(DRA, explicit=False)
     backward(no_explicit, "main")
@@ -228,7 +233,7 @@ def test_dra_loss_switches_remove_gradients():
 def test_dra_explicit_switch_adds_fv_to_the_text_only_when_on():
     batch = make_batch()
     for explicit in (True, False):
-        dra = build(DRA, explicit=explicit, dropout=0.0)
+        dra = build(DRA, explicit=explicit, compensation="target", dropout=0.0)
         dra.set_stage("main")
         dra.eval()
         enc = dra.encoder
@@ -409,7 +414,7 @@ def test_a_few_steps_reduce_the_loss():
         batch = make_batch()
         method.train()
         first = method(batch)["loss"].item()
-        for _ in range(10):
+        for _ in range(20):
             opt.zero_grad()
             loss = method(batch)["loss"]
             loss.backward()

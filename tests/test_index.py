@@ -367,17 +367,27 @@ def test_cli_search_errors_are_one_line(tmp_path, capsys, argv, message):
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_batch_reports_the_bad_query_line(tmp_path, capsys):
+def test_cli_batch_answers_the_good_lines_and_lists_the_bad_ones(tmp_path, capsys):
     gallery = tmp_path / "gallery"
     make_gallery(gallery, n=3)
     model, method = saved_model(tmp_path / "model")
     build_index(tmp_path / "idx", gallery, model, method=method, **_quiet())
     queries = tmp_path / "q.jsonl"
-    queries.write_text('{"image": "img01.png", "text": "x"}\n{"image": "img01.png"}\n')
-    with pytest.raises(SystemExit):
-        main(["search", "--index", str(tmp_path / "idx"), "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")])
-    assert "query 2 must be an object with string fields 'image' and 'text'" in capsys.readouterr().err
-    assert not (tmp_path / "o.jsonl").exists()
+    queries.write_text('{"image": "img01.png", "text": "x"}\n{"image": "img01.png"}\n{"image": "nope.png", "text": "y"}\n'
+                       '{"image": "img02.png", "text": "z", "txet": 1}\n{not json\n{"image": "img02.png", "text": "w"}\n')
+    assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(queries), "--out", str(tmp_path / "o.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped line 2: must be an object with string fields 'image' and 'text'" in out
+    assert "skipped line 3: " in out and "neither an image file nor a gallery image" in out
+    assert "skipped line 4: unknown key 'txet'" in out and "skipped line 5: malformed JSON" in out
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["text"]) for r in rows] == [(1, "x"), (6, "w")]
+    # nothing answerable: one line, exit 2, no file
+    queries.write_text('{"image": "img01.png"}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--index", str(tmp_path / "idx"), "--queries", str(queries), "--out", str(tmp_path / "o2.jsonl")])
+    assert exc.value.code == 2 and "no query could be answered" in capsys.readouterr().err
+    assert not (tmp_path / "o2.jsonl").exists()
 
 
 def test_a_replaced_faiss_file_is_refused_by_its_hash(tmp_path):

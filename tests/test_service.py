@@ -60,7 +60,7 @@ def assert_json_error(response, status: int, pattern: str) -> None:
 
 
 # ---- page, health, docs ------------------------------------------------------------------------
-def test_page_static_files_health_and_docs(client, built):
+def test_page_static_files_health_and_no_offline_blank_docs(client, built):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "Composed image search" in page.text
@@ -70,8 +70,13 @@ def test_page_static_files_health_and_docs(client, built):
         assert not re.search(r"https?://", r.text)          # no CDN, nothing external
     assert not re.search(r"(src|href)=\"https?://", page.text)
     health = client.get("/healthz").json()
-    assert health == {"status": "ok", "images": 10, "engine": "flat", "method": "sum", "dim": 32}
-    assert client.get("/docs").status_code == 200
+    assert {k: health[k] for k in ("status", "images", "engine", "method", "dim")} == \
+        {"status": "ok", "images": 10, "engine": "flat", "method": "sum", "dim": 32}
+    assert health["limits"] == {"max_text_chars": 60, "max_k": 20, "max_upload_bytes": 200_000}
+    # Swagger UI would come from a CDN (blank offline) and no installed package ships it: no /docs,
+    # no link to it, the API description stays at /openapi.json
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert 'href="/docs"' not in page.text and 'href="/openapi.json"' in page.text
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/healthz", "/gallery", "/images/{name}", "/thumbnails/{name}"} <= set(paths)
 

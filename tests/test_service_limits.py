@@ -4,6 +4,7 @@ each a JSON error with a one-line detail -- and the `cir serve` flags that set t
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 import threading
@@ -24,7 +25,7 @@ from composed_retrieval.cli import main  # noqa: E402
 from composed_retrieval.index.build import build_index  # noqa: E402
 from composed_retrieval.index.search import Searcher  # noqa: E402
 from composed_retrieval.service.app import Limits, create_app  # noqa: E402
-from composed_retrieval.service.guard import RequestGuard  # noqa: E402
+from composed_retrieval.service.guard import RequestGuard, TimedH11Protocol  # noqa: E402
 from test_index import make_gallery, saved_model  # noqa: E402
 
 
@@ -41,9 +42,9 @@ def searcher(tmp_path_factory) -> Searcher:
 class Server:
     """uvicorn in a thread on 127.0.0.1 with an OS-chosen port."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical",
-                                                    lifespan="off"))
+                                                    lifespan="off", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "Server":
@@ -213,16 +214,23 @@ def test_cir_serve_flags_reach_the_app(monkeypatch, searcher, capsys):
         seen["limits"] = limits
         return real_create(s, limits)
     monkeypatch.setattr(app_module, "create_app", capture)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(host=host, port=port, **kw))
+    monkeypatch.delenv("CIR_HEADER_TIMEOUT_S", raising=False)
     assert main(["serve", "--index", "x", "--max-upload-mb", "2", "--max-image-pixels", "5000",
                  "--max-text-chars", "77", "--max-k", "9", "--max-concurrent", "3", "--max-queued", "5",
-                 "--request-timeout", "7.5", "--port", "8123"]) == 0
+                 "--request-timeout", "7.5", "--body-timeout", "4", "--header-timeout", "3",
+                 "--decode-memory-mb", "64", "--allow-host", "cir.lan", "--port", "8123"]) == 0
     assert seen["limits"] == Limits(max_upload_bytes=2 * 1024 * 1024, max_image_pixels=5000, max_text_chars=77,
-                                    max_k=9, max_concurrent=3, max_queued=5, request_timeout_s=7.5)
+                                    max_k=9, max_concurrent=3, max_queued=5, request_timeout_s=7.5,
+                                    body_timeout_s=4.0, header_timeout_s=3.0, decode_memory_bytes=64 * 2**20,
+                                    allowed_hosts=("127.0.0.1", "cir.lan"))
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert issubclass(seen["http"], TimedH11Protocol) and os.environ["CIR_HEADER_TIMEOUT_S"] == "3.0"
 
 
 @pytest.mark.parametrize("flag,value", [("--max-concurrent", "0"), ("--request-timeout", "0"),
+                                        ("--body-timeout", "0"), ("--header-timeout", "-1"),
+                                        ("--decode-memory-mb", "0"),
                                         ("--max-queued", "-1"), ("--max-upload-mb", "-2"), ("--port", "70000")])
 def test_cir_serve_rejects_bad_limits_in_one_line(capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:

@@ -67,15 +67,18 @@ def test_generated_cirr_files_load_and_train(cirr_root: Path, tmp_path: Path, ca
     shortened = 0
     for q in gen.queries:
         a, b = scenes[q["reference"]]["caption"], scenes[q["target"]]["caption"]
-        assert q["caption"] in {TEMPLATES[0].format(A=a, B=b), TEMPLATES[1].format(A=a, B=b), b}
-        if q["caption"] == b:   # only a template text too long for the text tower falls back to "{B}"
-            shortened += 1
-            assert len(split_words(TEMPLATES[1].format(A=a, B=b))) + 2 > context
-        else:
-            assert len(split_words(q["caption"])) + 2 <= context
+        # one text per allowed template (0 and 1), in order; the first is the CIRR "caption"
+        assert len(q["caption_choices"]) == 2 and q["caption"] == q["caption_choices"][0]
+        for t, text in zip((0, 1), q["caption_choices"]):
+            full = TEMPLATES[t].format(A=a, B=b)
+            if text == b:   # only a template text too long for the text tower falls back to "{B}"
+                shortened += 1
+                assert len(split_words(full)) + 2 > context
+            else:
+                assert text == full and len(split_words(text)) + 2 <= context
         assert q["target"] != q["reference"] and len(q["subset"]) == 5 and q["target"] in q["subset"]
         assert gen.image_path(q["target"]) == load_cirr(cirr_root, "train").image_path(q["target"])
-    assert manifest["texts_shortened_to_B"] == shortened < len(gen.queries)
+    assert manifest["texts_shortened_to_B"] == shortened < 2 * len(gen.queries)
     run = tmp_path / "run"
     cfg = _cfg(cirr_root, extra_train_splits=["spn"], stages=[
         {"name": "combiner", "epochs": 1, "lr": 1e-3, "spn_negatives": {"tau": 0.03, "k": 4}}])
@@ -94,10 +97,10 @@ def test_generated_fashioniq_files_load_and_train(tmp_path: Path) -> None:
     for cat in ("dress", "shirt", "toptee"):
         split = load_fashioniq(root, "spn", cat, caption_policy="random")
         assert split.queries and all(len(q["captions"]) == 2 for q in split.queries)
-        for q in split.queries:   # two different templates, unless both were too long and fell back to "{B}"
-            c0, c1 = q["captions"]
-            assert c0 != c1 or not (c0.startswith("Unlike ") or " instead of " in c0)
-        assert any(q["captions"][0] != q["captions"][1] for q in split.queries)
+        for q in split.queries:   # one text per template (0, 1, 2); the format's two captions repeat the first two
+            assert len(q["caption_choices"]) == 3 and q["captions"] == q["caption_choices"][:2]
+            assert q["caption"] == q["caption_choices"][0]
+        assert any(len(set(q["caption_choices"])) > 1 for q in split.queries)
     cfg = _cfg(root, dataset="fashioniq", categories=["shirt"], extra_train_splits=["spn"], max_steps_per_epoch=1)
     Trainer(cfg, tmp_path / "run", progress=False).run()
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["steps"] == 1
@@ -268,3 +271,177 @@ def test_positives_can_join_one_stage_only(cirr_root: Path, tmp_path: Path, caps
     assert [r["stage"] for r in rows] == ["finetune", "combiner"]
     with pytest.raises(ConfigError, match=r"stages\[0\]\.extra_train_splits"):
         _cfg(cirr_root, stages=[{"name": "x", "epochs": 1, "extra_train_splits": "spn"}])
+
+
+# ---- SPN as SPN4CIR does it (issue 13) --------------------------------------------------------
+def test_template_is_drawn_each_time_a_generated_triplet_is_read(cirr_root: Path, capsys: pytest.CaptureFixture) -> None:
+    """SPN4CIR stores one text per template and draws one per read (random.choice); here the draw
+    is per (seed, epoch, index), so a run repeats and epochs differ."""
+    from composed_retrieval.data.triplets import TripletDataset
+    if not (cirr_root / "captions" / "cap.rc2.spn.json").is_file():
+        _generate(cirr_root)
+        capsys.readouterr()
+    split = load_cirr(cirr_root, "spn")
+    data = TripletDataset(split, image_fn=lambda name: name, seed=0)
+    drawn: dict[int, set[str]] = {i: set() for i in range(len(data))}
+    for epoch in range(8):
+        data.set_epoch(epoch)
+        texts = [data[i]["caption"] for i in range(len(data))]
+        assert texts == [data[i]["caption"] for i in range(len(data))]     # same epoch and seed: same texts
+        for i, t in enumerate(texts):
+            assert t in split.queries[i]["caption_choices"]
+            drawn[i].add(t)
+    two = [i for i, q in enumerate(split.queries) if len(set(q["caption_choices"])) == 2]
+    assert two and sum(len(drawn[i]) == 2 for i in two) >= 0.8 * len(two)     # both templates are read
+    other = TripletDataset(split, image_fn=lambda name: name, seed=1)
+    assert [other[i]["caption"] for i in two] != [TripletDataset(split, lambda n: n, seed=0)[i]["caption"] for i in two]
+
+
+def test_generated_fashioniq_triplets_are_never_concatenated(tmp_path: Path) -> None:
+    from composed_retrieval.data.triplets import TripletDataset
+    from composed_retrieval.synth.writer import write_synth
+    root = tmp_path / "fiq"
+    write_synth(root, seed=0, size="tiny", fmt="fashioniq", workers=1)
+    _generate(root, "--templates", "0,1", "--categories", "dress", dataset="fashioniq")
+    stored = json.loads((root / "captions" / "cap.dress.spn.json").read_text())
+    for policy in ("random", "eval"):
+        split = load_fashioniq(root, "spn", "dress", caption_policy=policy)
+        for q, e in zip(split.queries, stored):
+            assert q["caption"] == e["caption_choices"][0]             # not "C1 and c2"
+            assert q.get("caption_choices", e["caption_choices"]) == e["caption_choices"]
+        data = TripletDataset(split, image_fn=lambda name: name, seed=0)
+        for epoch in range(3):
+            data.set_epoch(epoch)
+            assert all(data[i]["caption"] in stored[i]["caption_choices"] for i in range(len(data)))
+    # the original triplets still get CLIP4Cir's four variants, "c1 and c2" among them
+    real = load_fashioniq(root, "train", "dress", caption_policy="random").queries[0]
+    c1, c2 = (c.strip(".?, ") for c in real["captions"])
+    assert f"{c1.capitalize()} and {c2}" in real["caption_choices"]
+
+
+def test_a_text_of_exactly_the_context_length_fits(cirr_root: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """clip.tokenize accepts a text of exactly the context length (SPN keeps it); one token more
+    falls back to "{B}"."""
+    import open_clip
+
+    from composed_retrieval.spn.commands import fits_context
+    tiny = build_encoder("tiny")
+    n = tiny.tokenizer.context_length
+    assert fits_context(tiny, " ".join(["red"] * (n - 2)))          # BOS + n-2 words + EOS = n tokens
+    assert not fits_context(tiny, " ".join(["red"] * (n - 1)))
+    assert fits_context(tiny, "red circle")
+
+    class OpenClipTokens:   # open_clip's own tokenizer, as the open_clip encoder holds it
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+
+        def tokenize(self, texts: list[str]) -> torch.Tensor:
+            return self.tokenizer(texts)
+
+    clip_like = OpenClipTokens()
+    assert int(clip_like.tokenize(["cat " * 75])[0].argmax()) == 76          # 75 words: 77 tokens exactly
+    assert fits_context(clip_like, "cat " * 75) and not fits_context(clip_like, "cat " * 76)
+
+    # through the command: "Unlike {A}, I want {B}" of exactly n tokens is kept, n + 2 is not
+    names = load_cirr(cirr_root, "train").all_image_names()
+    for words, shortened in ((n // 2 - 3, 0), (n // 2 - 2, len(names))):   # 6 + 2 * words tokens
+        caps = tmp_path / f"caps{words}.json"
+        caps.write_text(json.dumps({name: " ".join(["red"] * words) for name in names}))
+        _generate(cirr_root, "--out-split", f"ctx{words}", "--captioner", f"file:{caps}", "--templates", "1")
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["texts_shortened_to_B"] == shortened
+        gen = load_cirr(cirr_root, f"ctx{words}")
+        assert all(q["caption"].startswith("Unlike ") == (shortened == 0) for q in gen.queries)
+    # the tokenizer that decides is the text tower's (--text-encoder), not the ranking model's
+    from composed_retrieval.train.checkpoint import save_method
+    wide = save_method(build_method("sum", build_encoder("tiny", **SMALL, context_length=2 * n), {}), tmp_path / "wide")
+    _generate(cirr_root, "--out-split", "ctxwide", "--captioner", f"file:{caps}", "--templates", "1",
+              "--text-encoder", str(wide))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["texts_shortened_to_B"] == 0
+    assert json.loads((cirr_root / "spn.ctxwide.json").read_text())["texts_fitted_to"]["method"] == "sum"
+
+
+def test_rank_window_counts_the_other_images_and_partners_follow_the_given_features(
+        cirr_root: Path, capsys: pytest.CaptureFixture) -> None:
+    """Rank 0 is the nearest *other* image (SPN4CIR's ranks put the image itself at 0); the
+    partners come from the features the command is given (SPN4CIR: a separate image model)."""
+    import numpy as np
+
+    from composed_retrieval.spn.generate import RANK_ORIGIN, SPNOptions, generate, rank_windows
+    angles = torch.tensor([0.0, 10.0, 25.0, 45.0, 90.0]) * math.pi / 180
+    vecs = torch.stack([angles.cos(), angles.sin()], dim=1)
+    windows, nearest = rank_windows(vecs, (0, 1), near=2)
+    assert [int(w[0]) for w in windows] == [1, 0, 1, 2, 3]                  # never the row itself
+    windows, _ = rank_windows(vecs, (1, 3), near=1)
+    assert [int(x) for x in windows[0]] == [2, 3] and nearest[0].tolist() == [1, 2]
+
+    gen = torch.Generator().manual_seed(3)
+    given: dict[str, torch.Tensor] = {}
+
+    def encode(split, names):   # stands for any image model's features
+        v = torch.randn(len(names), 16, generator=gen)
+        given.update(zip(names, torch.nn.functional.normalize(v, dim=-1)))
+        return v
+
+    opts = SPNOptions(dataset="cirr", root=str(cirr_root), out_split="ranktest", window=(0, 1), seed=0,
+                      extra={"ranked_by": {"encoder": "test features"}})
+    manifest = generate(opts, build_captioner("scenes", cirr_root, "train"), encode, progress=False)
+    assert manifest["rank_origin"] == RANK_ORIGIN and "itself" in RANK_ORIGIN
+    assert manifest["ranked_by"] == {"encoder": "test features"}
+    names = list(given)
+    matrix = torch.stack([given[n] for n in names])
+    sims = matrix @ matrix.t()
+    sims.fill_diagonal_(-np.inf)
+    for q in load_cirr(cirr_root, "ranktest").queries:
+        assert q["target"] == names[int(sims[names.index(q["reference"])].argmax())]
+    _generate(cirr_root, "--out-split", "ranktest2")
+    capsys.readouterr()
+    recorded = json.loads((cirr_root / "spn.ranktest2.json").read_text())
+    assert recorded["ranked_by"]["encoder"]["name"] == "tiny" and recorded["rank_origin"] == RANK_ORIGIN
+
+
+def test_spn4cir_clip4cir_stage2_preset(cirr_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """configs/spn_clip4cir.json: raw element-wise sum, no Combiner, image tower frozen, text tower
+    trained, bank tau 0.02, lr 2e-5, batch 256, 3 epochs, positives in this stage."""
+    from composed_retrieval.train import checkpoint as ckpt
+    from composed_retrieval.train.loop import build_method_from_config, seed_everything
+    path = Path(__file__).resolve().parents[1] / "src" / "composed_retrieval" / "configs" / "spn_clip4cir.json"
+    cfg = load_config(str(path), [])
+    (stage,) = cfg["stages"]
+    assert cfg["method"] == "sum" and cfg["method_config"] == {"fusion": "raw"}
+    assert cfg["encoder"] == "open_clip:RN50x4" and cfg["batch_size"] == 256 and not cfg["grad_clip"]
+    assert stage["epochs"] == 3 and stage["lr"] == 2e-5 and stage["extra_train_splits"] == ["spn"]
+    assert stage["train_image_tower"] is False and stage["train_text_tower"] is True
+    assert read_options(stage)["tau"] == 0.02 and read_options(stage)["k"] is None
+    assert read_options({"name": "x", "spn_negatives": {}})["tau"] == 0.02      # CLIP4Cir's value is the default
+    enc = build_encoder("tiny", **SMALL)
+    try:
+        method = build_method("sum", enc, cfg["method_config"])
+    except ConfigError as exc:
+        if "fusion" not in str(exc):
+            raise
+        pytest.skip("the sum method's 'fusion' option (issue 13 part A) is not merged yet")
+    ref = Features(torch.randn(4, SMALL["embed_dim"]) * 3, torch.zeros(4, 1, 1))
+    txt = Features(torch.randn(4, SMALL["embed_dim"]), torch.zeros(4, 1, 1))
+    expect = torch.nn.functional.normalize(ref.pooled + txt.pooled, dim=-1)      # SPN4CIR element_wise_sum
+    assert torch.allclose(method.compose(ref, txt), expect, atol=1e-6)
+
+    if not (cirr_root / "captions" / "cap.rc2.spn.json").is_file():
+        _generate(cirr_root)
+        capsys.readouterr()
+    small = {**cfg, "encoder": "tiny", "encoder_config": SMALL, "root": str(cirr_root), "batch_size": 8,
+             "device": "cpu", "max_steps_per_epoch": 2, "amp": False,
+             "stages": [{**stage, "epochs": 1}]}
+    small = load_config(None, [], small)
+    seed_everything(small["seed"])     # the Trainer builds the method after seeding with the config's seed
+    before = {k: v.clone() for k, v in build_method_from_config(small).state_dict().items()}
+    run = tmp_path / "run"
+    Trainer(small, run, progress=False).run()
+    after = ckpt.load_weights(run / "last")
+    image_keys = [k for k in before if k.startswith("encoder.visual.")]
+    text_keys = [k for k in before if k.startswith("encoder.text.") and k.endswith("weight")]
+    assert image_keys and text_keys
+    assert all(torch.equal(before[k], after[k]) for k in image_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in text_keys)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["spn_negatives"] > 0 and rows[0]["steps"] == 2

@@ -13,7 +13,7 @@ from composed_retrieval.data.nouns import mask_noun, noun_finder
 from composed_retrieval.data.pairs import read_pairs
 from composed_retrieval.encoders.registry import build_encoder
 from composed_retrieval.errors import ConfigError, DataError
-from composed_retrieval.methods.cam import apply_cam_mask, grad_cam, noun_cams
+from composed_retrieval.methods.cam import apply_cam_mask, cam_drop_mask, grad_cam, noun_cams
 from composed_retrieval.methods.registry import build_method
 from composed_retrieval.methods.textual_inversion import splice_prompt
 from composed_retrieval.synth.writer import write_synth
@@ -111,14 +111,18 @@ def test_cam_mask_shape_range_and_region(which, request):
     assert bool((cam.flatten(1).amax(dim=1) > 0.5).all())   # a peak (below 1 only by upsampling)
     region = cam > 0.3
     assert bool(region.flatten(1).any(dim=1).all())
-    masked = apply_cam_mask(pixels, cam, 0.3)
-    assert torch.equal(masked[region[:, None].expand_as(pixels)], torch.zeros(int(region.sum()) * 3))
-    assert torch.equal(masked[~region[:, None].expand_as(pixels)], pixels[~region[:, None].expand_as(pixels)])
-    kept = apply_cam_mask(pixels, cam, 0.3, region="rest")
-    assert torch.equal(kept[region[:, None].expand_as(pixels)], pixels[region[:, None].expand_as(pixels)])
-    # the paper's fill: the region takes the same pixels of the next image in the batch
-    swapped = apply_cam_mask(pixels, cam, 0.3, fill="batch")
     inside = region[:, None].expand_as(pixels)
+    # "noun": the noun's region is masked, the rest kept
+    masked = apply_cam_mask(pixels, cam, 0.3, region="noun")
+    assert torch.equal(masked[inside], torch.zeros(int(region.sum()) * 3))
+    assert torch.equal(masked[~inside], pixels[~inside])
+    assert torch.equal(apply_cam_mask(pixels, cam, 0.3, region="highlighted"), masked)   # the old name
+    # "unrelated" (the default): the noun's region kept, the rest masked
+    kept = apply_cam_mask(pixels, cam, 0.3)
+    assert torch.equal(kept[inside], pixels[inside]) and torch.equal(kept[~inside], torch.zeros(int((~inside).sum())))
+    assert torch.equal(apply_cam_mask(pixels, cam, 0.3, region="rest"), kept)
+    # the batch fill: masked pixels take the same pixels of the next image in the batch
+    swapped = apply_cam_mask(pixels, cam, 0.3, region="noun", fill="batch")
     assert torch.equal(swapped[inside], pixels.roll(1, dims=0)[inside])
     assert torch.equal(swapped[~inside], pixels[~inside])
     # the text decides the map: a different text feature gives a different map
@@ -260,3 +264,94 @@ def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
                  "--device", "cpu", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == set(got) and 0.0 < printed["map@50"] <= 100.0
+
+
+# ---- masking direction: complementary pairs by default (issue 13) ---------------------------
+def test_render_masks_are_the_objects_pixels_and_leave_the_image_unchanged():
+    import numpy as np
+
+    from composed_retrieval.synth.render import COLOR_RGB, render_scene
+    from composed_retrieval.synth.world import Obj, make_scene
+
+    scene = make_scene([Obj(0, "circle", "red", "large"), Obj(4, "triangle", "blue", "small"),
+                        Obj(8, "square", "yellow", "large")])
+    masks: list = []
+    img = np.asarray(render_scene(scene, 64, np.random.default_rng(5), masks=masks)).astype(float)
+    plain = np.asarray(render_scene(scene, 64, np.random.default_rng(5))).astype(float)
+    assert np.array_equal(img, plain) and len(masks) == 3          # the masks take nothing from the rng
+    covered = np.zeros((64, 64), dtype=bool)
+    for o, m in zip(scene, masks):
+        on = m >= 0.99
+        assert on.sum() > 20
+        # inside an object's mask the pixels have its colour (jitter 12 + noise), outside none of them
+        assert np.abs(img[on] - np.array(COLOR_RGB[o.color])).max(axis=1).mean() < 25
+        covered |= m > 0
+    background = img[~covered]
+    assert np.abs(background - background.mean(axis=0)).max(axis=1).mean() < 15
+
+
+def test_cam_iou_and_object_survival_under_both_directions():
+    """The scoring of benchmarks/cam_masking.py: a perfect CAM (the object itself) has IoU 1, and
+    the default direction keeps the whole object while the other removes it; for a real CAM the
+    two directions' survivals add up to one (each object pixel is kept by exactly one)."""
+    from composed_retrieval.zeroshot.cam_check import masking_report, synthetic_scenes
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny").eval()
+    scenes = synthetic_scenes(enc, 12, seed=1)
+    assert scenes.pixels.shape == (12, 3, enc.image_size, enc.image_size)
+    for cap, masked, noun, obj in zip(scenes.captions, scenes.masked_captions, scenes.nouns, scenes.objects):
+        assert noun in ("circle", "square", "triangle") and "$" in masked and masked.replace("$", noun) == cap
+        assert obj.sum() > 0
+    perfect = masking_report(enc, scenes, (0.3,), cam=scenes.objects.float())["0.3"]
+    assert perfect["iou"] == 1.0 and perfect["survival_unrelated"] == 1.0 and perfect["survival_noun"] == 0.0
+    # a CAM shifted off the objects finds none of them: IoU 0, and the default keeps nothing either
+    away = masking_report(enc, scenes, (0.3,), cam=(~scenes.objects).float())["0.3"]
+    assert away["iou"] == 0.0 and away["survival_unrelated"] == 0.0 and away["survival_noun"] == 1.0
+    real = masking_report(enc, scenes, (0.2, 0.4))
+    for r in real.values():
+        assert 0.0 <= r["iou"] <= 1.0
+        assert r["survival_unrelated"] + r["survival_noun"] == pytest.approx(1.0, abs=1e-6)
+    assert real["0.2"]["region_area"] > real["0.4"]["region_area"]
+
+
+@pytest.mark.parametrize("region", ["unrelated", "noun"])
+def test_masked_objective_pairs_text_and_image_complementarily_by_default(region):
+    """What phi sees in the masked objective: the caption with its noun replaced by "$" and the
+    image with the part unrelated to that noun masked (default), or the noun's region masked."""
+    from composed_retrieval.methods.textual_inversion import DEFAULTS
+
+    assert DEFAULTS["cam_region"] == "unrelated"
+    torch.manual_seed(0)
+    enc = build_encoder("tiny").eval()
+    config = {"noun_mask": True, "cam_mask": True, "nouns": "synthetic", "tau": 0.3, "cam_fill": "mean"}
+    if region != "unrelated":
+        config["cam_region"] = region
+    method = build_method("textual_inversion", enc, config)
+    captions = ["a large red circle at the top left", "a small blue square at the center",
+                "a large green triangle at the bottom"]
+    pixels = torch.randn(3, 3, enc.image_size, enc.image_size)
+    seen_pixels, seen_ids = [], []
+    h1 = enc.visual.register_forward_pre_hook(lambda _m, args: seen_pixels.append(args[0].detach().clone()))
+    h2 = enc.text.register_forward_pre_hook(lambda _m, args: seen_ids.append(args[0].detach().clone()))
+    try:
+        method.train()
+        out = method({"reference": pixels, "target": pixels, "caption": captions})
+    finally:
+        h1.remove()
+        h2.remove()
+    assert float(out["masked_used"]) == 3
+    cam = noun_cams(enc, pixels, ["circle", "square", "triangle"])
+    query = seen_pixels[-1]           # the masked query image (after the CAM passes)
+    drop = cam_drop_mask(cam, 0.3, region)
+    expect = pixels.masked_fill(drop[:, None].expand_as(pixels), 0.0)
+    assert torch.equal(query, expect)
+    inside = (cam > 0.3)[:, None].expand_as(pixels)
+    if region == "unrelated":         # the image keeps the noun's object
+        assert torch.equal(query[inside], pixels[inside]) and bool((query[~inside] == 0).all())
+    else:                             # the noun leaves the image too
+        assert bool((query[inside] == 0).all()) and torch.equal(query[~inside], pixels[~inside])
+    masked_texts = [c.replace(n, "$") for c, n in zip(captions, ["circle", "square", "triangle"])]
+    assert any(torch.equal(ids, enc.tokenize(masked_texts)) for ids in seen_ids)
+    with pytest.raises(ConfigError, match="cam_region"):
+        build_method("textual_inversion", enc, {"cam_region": "highlight"})

@@ -68,6 +68,16 @@ def str_list(entry: dict, name: str, path: Path, index: int, length: int | None 
     return value
 
 
+def generated_texts(entry: dict, path: Path, index: int) -> list[str] | None:
+    """A generated triplet's texts (SPN positives: one per template), of which training draws
+    one each time the triplet is read; None for an ordinary entry."""
+    value = str_list(entry, "caption_choices", path, index, optional=True)
+    if value is not None and (not value or not all(v.strip() for v in value)):
+        raise entry_error(path, index, f"field 'caption_choices' must be a non-empty list of non-empty "
+                                       f"strings, found {value!r:.80}")
+    return value
+
+
 def int_list(entry: dict, name: str, path: Path, index: int) -> list[int]:
     value = field(entry, name, list, path, index)
     if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):

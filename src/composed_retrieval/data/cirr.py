@@ -1,7 +1,9 @@
 """CIRR loader: ``captions/cap.rc2.{split}.json`` + ``image_splits/split.rc2.{split}.json``.
 
 The synthetic benchmark writes this exact format too (its extra splits, e.g. ``heldout``, load
-by name), so every path downstream is the one real CIRR data takes.
+by name), so every path downstream is the one real CIRR data takes. An entry may carry
+``caption_choices`` (``cir spn generate``'s triplets: one text per template): training draws
+one of them each time the triplet is read, evaluation reads ``caption``.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from pathlib import Path
 from ..errors import DataError
 from .base import CIRSplit
 from .userdata import safe_name
-from .checks import (check_images_exist, check_part, entry_error, field, read_json_as,
-                     require_known, str_list, unique_ids)
+from .checks import (check_images_exist, check_part, entry_error, field, generated_texts,
+                     read_json_as, require_known, str_list, unique_ids)
 
 
 def cirr_files(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -61,6 +63,9 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
             raise entry_error(cap_path, i, f"img_set members do not include the reference {reference!r}")
         q = {"query_id": str(pairid), "reference": reference, "caption": caption,
              "subset": [m for m in members if m != reference]}
+        choices = generated_texts(e, cap_path, i)   # generated (SPN) triplets: drawn when read
+        if choices:
+            q["caption_choices"] = choices
         if target is not None:
             q["target"] = target
         queries.append(q)

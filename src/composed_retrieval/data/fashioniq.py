@@ -4,6 +4,11 @@
 Each entry has two captions; a named *caption policy* turns them into the query text. The
 strings follow the CLIP4Cir public code exactly (``str.strip('.?, ')`` and ``str.capitalize()``,
 which also lower-cases the rest of the first caption), so scores are comparable with it.
+
+Entries written by ``cir spn generate`` carry ``caption_choices`` (one modification text per
+SPN template). The policy never concatenates them: "eval" reads the first, "random" draws one
+each time the triplet is read (SPN4CIR, ``clip4cir/data_utils.py``: ``random.choice`` for the
+generated triplets, its "c1 and c2" variants only for the original ones).
 """
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from .base import CIRSplit
-from .checks import (check_images_exist, check_part, field, read_json_as, require_known,
-                     str_list)
+from .checks import (check_images_exist, check_part, field, generated_texts, read_json_as,
+                     require_known, str_list)
 from .images import IMAGE_EXTENSIONS, detect_extension
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -77,10 +82,19 @@ def load_fashioniq(root: str | Path, split: str, category: str, image_root: str 
         require_known(reference, known, "candidate", split_rel, cap_path, i)
         if target is not None:
             require_known(target, known, "target", split_rel, cap_path, i)
-        q = {"query_id": f"{category}/{i}", "reference": reference, "caption": eval_caption(c1, c2),
-             "captions": [c1, c2], "category": category}
-        if caption_policy == "random":
-            q["caption_choices"] = caption_choices(c1, c2)
+        generated = generated_texts(e, cap_path, i)
+        if generated:
+            # an SPN triplet: its texts are whole modification texts (one per template), never
+            # joined with "and" (SPN4CIR's policy applies to the original triplets only)
+            q = {"query_id": f"{category}/{i}", "reference": reference, "caption": generated[0],
+                 "captions": [c1, c2], "category": category}
+            if caption_policy == "random":
+                q["caption_choices"] = list(generated)
+        else:
+            q = {"query_id": f"{category}/{i}", "reference": reference, "caption": eval_caption(c1, c2),
+                 "captions": [c1, c2], "category": category}
+            if caption_policy == "random":
+                q["caption_choices"] = caption_choices(c1, c2)
         if target is not None:
             q["target"] = target
         queries.append(q)

@@ -16,6 +16,10 @@ from .checks import check_images_exist, entry_error, field, name_summary
 from .images import IMAGE_EXTENSIONS
 
 
+#: the keys of one line of a user JSONL (a misspelled key is an error, not an ignored field)
+USER_KEYS = ("reference", "caption", "target")
+
+
 def safe_name(name: str) -> str:
     """The normalised relative POSIX form of ``name``, or a ValueError saying why it is unsafe."""
     if not name or "\x00" in name:
@@ -87,12 +91,19 @@ def load_user(jsonl: str | Path, image_root: str | Path, gallery_root: str | Pat
     gallery = list(gallery_images)
 
     rows = read_jsonl(jsonl, "query JSONL file")
+    if not rows:
+        raise DataError("query JSONL file holds no queries (expected one {\"reference\", \"caption\", "
+                        "\"target\"} object per line)", jsonl)
     queries = []
     images: dict[str, Path] = dict(gallery_images)
     query_paths: dict[str, Path] = {}
     for i, row in enumerate(rows):
         q = {"query_id": str(i)}
-        for key in ("reference", "caption", "target"):
+        if isinstance(row, dict):
+            unknown = sorted(set(row) - set(USER_KEYS))
+            if unknown:
+                raise entry_error(jsonl, i, f"unknown key {unknown[0]!r} (expected keys: {', '.join(USER_KEYS)})")
+        for key in USER_KEYS:
             value = field(row, key, str, jsonl, i, optional=(key == "target"))
             if value is None:
                 continue
@@ -125,3 +136,25 @@ def load_user(jsonl: str | Path, image_root: str | Path, gallery_root: str | Pat
                                             f"{Path(gallery_root or image_root).absolute()}")
     return CIRSplit(dataset="user", split=split, queries=queries, gallery=gallery, images=images,
                     protocol="generic")
+
+
+def hold_out(split: CIRSplit, fraction: float) -> tuple[CIRSplit, CIRSplit]:
+    """(training part, held-out part) of a user split: ``fraction`` of the queries, chosen by a
+    hash of their content (so adding lines to the file does not reshuffle the held-out set),
+    validate the run instead of the lines it trains on. The gallery is shared."""
+    import hashlib
+    from dataclasses import replace
+
+    n = len(split.queries)
+    count = round(fraction * n)
+    if count < 1 or count >= n:
+        raise DataError(f"a held-out fraction of {fraction:g} of {n} queries leaves "
+                        f"{'no' if count < 1 else 'no training'} queries; use another val_fraction or a val_file")
+    def key(q: dict) -> str:
+        text = "\x00".join(str(q.get(k, "")) for k in USER_KEYS) + "\x00" + q["query_id"]
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    held = set(sorted(range(n), key=lambda i: key(split.queries[i]))[:count])
+    meta = {**split.meta, "val_fraction": fraction}
+    train = replace(split, queries=[q for i, q in enumerate(split.queries) if i not in held], meta=dict(meta))
+    val = replace(split, queries=[q for i, q in enumerate(split.queries) if i in held], meta=dict(meta))
+    return train, val

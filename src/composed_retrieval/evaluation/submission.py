@@ -271,7 +271,8 @@ def _typed_lists(obj: Mapping[str, Any], item_type: type, path: str | Path, what
 
 
 def read_predictions(dataset: str, path: str | Path, subset_path: str | Path | None = None) -> Predictions:
-    """Read a prediction file in the DESIGN section 5 format, with one-line errors on bad shapes.
+    """Read a prediction file in the format ``cir predict`` writes (the CIRR and CIRCO submission
+    formats; FashionIQ ``{"<category>/<index>": [top-50 names]}``), with one-line errors on bad shapes.
 
     CIRR: ``path`` and ``subset_path`` are the recall and recall_subset files, in either order
     (recognised by their "metric" key). Content checks against a split are the validators' job.

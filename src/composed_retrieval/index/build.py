@@ -63,6 +63,17 @@ def _embed_chunk(method: CIRMethod, names: list[str], path_of: Callable[[str], P
     return vectors.float().cpu().numpy(), list(kept), errors
 
 
+def _refuse_non_finite(vectors: np.ndarray, names: list[str], model: Path) -> None:
+    """A model with NaN weights embeds every image as NaN; indexing that would make every
+    search return nothing (or garbage) while reporting success."""
+    bad = ~np.isfinite(vectors).all(axis=1) if vectors.size else np.zeros(0, bool)
+    if bad.any():
+        first = names[int(np.flatnonzero(bad)[0])]
+        raise CheckpointError(f"the model gives NaN or infinite embeddings for {int(bad.sum())} of "
+                              f"{len(names)} images (first: {first}); its weights are damaged or "
+                              f"diverged, nothing of this chunk was indexed", model)
+
+
 def _hash_all(files: dict[str, Path], progress: bool) -> tuple[dict[str, str], list[tuple[str, str]]]:
     hashes, bad = {}, []
     for name, path in tqdm(files.items(), desc="hashing", unit="img", disable=not progress,
@@ -150,6 +161,8 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
 
     start = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out names an existing file; an index is a folder", out)
     old = None
     if index_exists(out):
         if not add:
@@ -184,7 +197,9 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
 
     ranks = distributed.current()
     partial = PartialBuild(out, tag=f"r{ranks.rank}" if ranks.active else "")
-    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve())})
+    # the weights' hash too: chunks embedded by a model since retrained at the same path are stale
+    partial.check_plan({"model": str(model.resolve()), "gallery": str(gallery.resolve()),
+                        "model_weights_sha256": model_fingerprint(model)})
     hashes, skipped = _hash_all(_shard(files, ranks), progress)
 
     # what is already known: the old index, then chunks of an interrupted run (newer wins)
@@ -205,6 +220,7 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
             chunk = todo[lo:lo + chunk_size]
             vectors, kept, errors = _embed_chunk(method, chunk, files.__getitem__, transform,
                                                  batch_size, num_workers, device)
+            _refuse_non_finite(vectors, kept, model)
             partial.write_chunk(vectors, kept, [hashes[n] for n in kept],
                                 [(n, hashes[n], e) for n, e in errors])
             fresh.update(zip(kept, vectors))

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write_text, read_jsonl
+from ..fileio import atomic_write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,25 +123,68 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_batch(searcher, queries: Path, out: Path, k: int, batch_size: int = 32) -> int:
-    rows = read_jsonl(queries, "query JSONL file")
-    for i, row in enumerate(rows, 1):
+QUERY_KEYS = ("image", "text")
+
+
+def _read_queries(queries: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, query) of every well-formed line and (line number, reason) of the others:
+    one bad line must not cost the answers of all the good ones."""
+    from ..fileio import parse_json, read_text
+
+    good, bad = [], []
+    for lineno, line in enumerate(read_text(queries, "query JSONL file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line)
+        except ValueError as exc:
+            bad.append((lineno, f"malformed JSON ({str(exc).split(' at line ')[0]})"))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("text"), str):
-            raise DataError(f"query {i} must be an object with string fields 'image' and 'text'", queries)
-        if not row["text"].strip():
-            raise DataError(f"query {i} has an empty 'text'", queries)
+            bad.append((lineno, "must be an object with string fields 'image' and 'text'"))
+        elif set(row) - set(QUERY_KEYS):
+            bad.append((lineno, f"unknown key {sorted(set(row) - set(QUERY_KEYS))[0]!r} "
+                                f"(expected keys: {', '.join(QUERY_KEYS)})"))
+        elif not row["text"].strip():
+            bad.append((lineno, "empty 'text'"))
+        else:
+            good.append((lineno, row))
+    return good, bad
+
+
+def _run_batch(searcher, queries: Path, out: Path, k: int, batch_size: int = 32) -> int:
+    """Answer every good line (each result names its ``line``), list the bad ones; exit 2 only
+    when no line could be answered."""
+    good, bad = _read_queries(queries)
+    answerable = []
+    for lineno, row in good:
+        try:
+            answerable.append((lineno, row, searcher.reference(row["image"])))
+        except DataError as exc:
+            bad.append((lineno, str(exc)))
     lines = []
-    for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo:lo + batch_size]
-        refs = []
-        for i, row in enumerate(chunk, lo + 1):
-            try:
-                refs.append(searcher.reference(row["image"]))
-            except DataError as exc:
-                raise DataError(f"query {i}: {exc}", queries) from None
-        for row, hits in zip(chunk, searcher.search_many(refs, [r["text"] for r in chunk], k)):
-            lines.append(json.dumps({"image": row["image"], "text": row["text"],
-                                     "results": [h.as_dict() for h in hits]}))
-    atomic_write_text(out, "\n".join(lines) + ("\n" if lines else ""))
-    print(f"wrote {len(lines)} results to {out}")
+    for lo in range(0, len(answerable), batch_size):
+        chunk = answerable[lo:lo + batch_size]
+        try:
+            answers = searcher.search_many([r for _, _, r in chunk], [row["text"] for _, row, _ in chunk], k)
+        except DataError:   # one bad text in the chunk: answer its lines one by one
+            answers = []
+            for lineno, row, ref in chunk:
+                try:
+                    answers.append(searcher.search(ref, row["text"], k))
+                except DataError as exc:
+                    bad.append((lineno, str(exc)))
+                    answers.append(None)
+        for (lineno, row, _), hits in zip(chunk, answers):
+            if hits is not None:
+                lines.append(json.dumps({"line": lineno, "image": row["image"], "text": row["text"],
+                                         "results": [h.as_dict() for h in hits]}))
+    bad.sort()
+    for lineno, reason in bad:
+        print(f"skipped line {lineno}: {reason}")
+    if not lines:
+        raise DataError(f"no query could be answered ({len(bad)} bad lines; first: line {bad[0][0]}: "
+                        f"{bad[0][1]})" if bad else "no queries in the file", queries)
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} results to {out}" + (f" ({len(bad)} lines skipped, listed above)" if bad else ""))
     return 0

@@ -179,6 +179,9 @@ class Searcher:
             query = self.method.compose(self.method.image_features(pixels),
                                         self.method.text_features(tokens))
         q = query.float().cpu().numpy()
+        if not np.isfinite(q).all():   # NaN queries would match nothing: an empty answer, not an error
+            raise CheckpointError("the model gives NaN or infinite query vectors; its weights are damaged "
+                                  "or diverged (wrong --model?)", self.index.data.folder)
         if q.shape[1] != self.index.dim:
             raise CheckpointError(f"the model gives {q.shape[1]}-d queries but the index holds "
                                   f"{self.index.dim}-d vectors (wrong --model?)", self.index.data.folder)

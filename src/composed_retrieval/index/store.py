@@ -106,6 +106,7 @@ def read_index(folder: str | Path) -> IndexData:
         vectors = np.load(vec_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"unreadable index vectors ({str(exc).splitlines()[0][:200]})", vec_path) from None
+    _check_hashes(folder, meta)
     items = read_json(items_path, "index items file")
     if not isinstance(items, list) or not all(isinstance(it, dict) and "name" in it for it in items):
         raise CheckpointError("index items file is not a list of {name, sha256}", items_path)
@@ -116,7 +117,21 @@ def read_index(folder: str | Path) -> IndexData:
                               f"count {meta.get('count')} in {META}", folder)
     if vectors.shape[1] != meta.get("dim"):
         raise CheckpointError(f"index vectors have dimension {vectors.shape[1]}, {META} says {meta.get('dim')}", vec_path)
+    if not np.isfinite(vectors).all():
+        raise CheckpointError("index vectors hold NaN or infinite values; rebuild the index", vec_path)
     return IndexData(folder, meta, vectors, items)
+
+
+def _check_hashes(folder: Path, meta: dict[str, Any]) -> None:
+    """Every file the index is made of against the sha256 ``index.json`` recorded for it: a
+    vectors file with its rows permuted would otherwise return wrong names silently. (Indexes
+    written before the hashes were recorded have none to check.)"""
+    for role, name in (meta.get("files") or {}).items():
+        expected = meta.get(f"{role}_sha256")
+        path = folder / name
+        if expected is not None and path.is_file() and sha256_file(path) != expected:
+            raise CheckpointError(f"index {role} file does not match the sha256 recorded in {META} "
+                                  f"(replaced, reordered or corrupted); rebuild the index", path)
 
 
 def write_index(folder: str | Path, vectors: np.ndarray, items: list[dict[str, str]],
@@ -137,7 +152,8 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: list[dict[str, s
 
     atomic_write(folder / files["vectors"], save_npy)
     atomic_write_json(folder / files["items"], items, indent=None)
-    hashes = {}
+    hashes = {"vectors_sha256": sha256_file(folder / files["vectors"]),
+              "items_sha256": sha256_file(folder / files["items"])}
     if engine_writer is not None:
         files["engine"] = f"engine-{gen}.faiss"
         engine_writer(folder / files["engine"])
@@ -167,6 +183,14 @@ class PartialBuild:
     def check_plan(self, plan: dict[str, Any]) -> None:
         """Start a new partial build or verify that the one on disk used the same model/gallery."""
         path = self.folder / "plan.json"
+        if self.folder.is_dir() and not path.is_file() and any(self.folder.iterdir()):
+            # a folder the toolkit did not write (its plan.json is its marker): clear() would
+            # delete it, so refuse instead
+            raise ConfigError(f"{self.folder} exists but was not written by `cir index` (no plan.json); "
+                              f"move it away or choose another --out", self.folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"{self.folder} is a file, not a partial-build folder; move it away "
+                              f"or choose another --out", self.folder)
         if path.is_file():
             old = read_json(path, "partial build plan")
             if old != plan:

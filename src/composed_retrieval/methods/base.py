@@ -156,10 +156,35 @@ def require_tokens(features: Features, role: str, method: str) -> None:
                           f"must be built with tokens")
 
 
-def sum_compose(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """CLIP4Cir's stage-1 query: the element-wise sum of the normalised features, normalised
-    (the same formula as the ``sum`` baseline)."""
-    return F.normalize(F.normalize(image, dim=-1) + F.normalize(text, dim=-1), dim=-1)
+FUSIONS = ("raw", "normalized")
+
+
+def sum_compose(image: torch.Tensor, text: torch.Tensor, fusion: str = "normalized",
+                text_weight: float = 0.5) -> torch.Tensor:
+    """Element-wise sum query ``[B, d]``, L2-normalised.
+
+    ``raw``: ``normalize((1 - w) image + w text)`` on the features as the towers give them --
+    with ``w = 0.5`` exactly CLIP4Cir's, CaLa's and SPN4CIR's ``element_wise_sum``
+    (``F.normalize(image + text)``, github.com/ABaldrati/CLIP4Cir ``src/utils.py``);
+    ``normalized``: each side L2-normalised first, ``normalize((1 - w) î + w t̂)``, so neither
+    tower dominates by its norm (our variant, not the public code's).
+    """
+    if fusion not in FUSIONS:
+        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion == "normalized":
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    return F.normalize((1.0 - text_weight) * image + text_weight * text, dim=-1)
+
+
+def check_fusion(method: str, options: dict[str, Any]) -> None:
+    """``fusion`` and ``text_weight`` of a method's sum, with one-line errors."""
+    if options["fusion"] not in FUSIONS:
+        raise ConfigError(f"method_config.fusion: expected one of {', '.join(FUSIONS)} for {method}, "
+                          f"got {options['fusion']!r}")
+    w = options["text_weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise ConfigError(f"method_config.text_weight: expected a number for {method}, got {w!r}")
+    check_weight(method, "text_weight", float(w))
 
 
 def excluding(params: list[nn.Parameter], modules: list[nn.Module]) -> list[nn.Parameter]:

@@ -1,6 +1,11 @@
 """Reference points every table needs: image-only, text-only and element-wise sum.
 
-``sum`` with trainable towers is also CLIP4Cir's stage 1 (task-oriented fine-tuning).
+``sum`` with trainable towers is also CLIP4Cir's stage 1 (task-oriented fine-tuning). Its
+``fusion`` (``method_config``) is ``"normalized"`` (default: each side L2-normalised, then
+summed and normalised -- our variant) or ``"raw"`` (``normalize(image + text)`` on the towers'
+raw features: CLIP4Cir's, CaLa's and SPN4CIR's ``element_wise_sum``, pinned by
+``tests/test_faithfulness.py::test_sum_fusions``); ``text_weight`` w weighs the two sides,
+``(1 - w) image + w text`` (0.5: the plain sum).
 """
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..encoders.base import Features
+from ..encoders.base import EncoderPair, Features
 from ..losses import batch_contrastive
-from .base import CIRMethod, sum_compose
+from .base import CIRMethod, check_fusion, sum_compose
 from .registry import register_method
 
 
@@ -41,5 +46,16 @@ class TextOnly(_Fixed):
 
 @register_method("sum")
 class Sum(_Fixed):
+    options = frozenset({"logit_scale", "fusion", "text_weight"})
+
+    def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
+        super().__init__(encoder, config)
+        self.fusion = self.config.get("fusion", "normalized")
+        self.text_weight = self.config.get("text_weight", 0.5)
+        check_fusion(self.name, {"fusion": self.fusion, "text_weight": self.text_weight})
+        self.text_weight = float(self.text_weight)
+        # recorded with the run (config.json, results.json) even when the defaults were used
+        self.config.update(fusion=self.fusion, text_weight=self.text_weight)
+
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
-        return sum_compose(reference.pooled.float(), text.pooled.float())
+        return sum_compose(reference.pooled.float(), text.pooled.float(), self.fusion, self.text_weight)

@@ -23,15 +23,21 @@ encoder interface the default is CLIP4Cir's Combiner (``compositor: "combiner"``
 ``CombinerNet`` DRA uses); ``compositor: "sum"`` reproduces the public CLIP recipe. Inference
 uses the query compositor only; TAC and HCA are training-time modules.
 
-Differences from the public code, on purpose: features in every logit are L2-normalised (the
-public align/reason logits use raw features, so their scale is not a temperature); HCA masks
-padding text tokens and uses a mean query token (see ``hca.py``); TAC has learned CLS tokens
-(see ``tac.py``).
+``cala_paper.json`` reproduces the public CLIP loss exactly (``fusion: "raw"``,
+``align_features: "raw"``, ``tac_shared_cls``/``tac_share_layers``, ``hca_query: "first"``,
+``hca_text_mask: false``; pinned by ``tests/test_faithfulness.py``). Our defaults differ on
+purpose: features in every logit are L2-normalised (``align_features: "normalized"``: the public
+align/reason logits use raw features, so their scale is not a temperature); the sum normalises
+each side first; HCA masks padding text tokens and uses a mean query token (see ``hca.py``);
+TAC has a CLS per stack (see ``tac.py``). In every setting TAC's CLS is learned (the public code
+draws it at random every forward).
 
 Config (``method_config``): ``tac``, ``hca`` (bool switches), ``w_tac``, ``w_hca``,
-``compositor`` ("combiner" | "sum"), ``match_scale``, ``align_scale``, ``reason_scale``,
-``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``, ``hca_dropout``,
-``hca_query`` ("mean" | "first"), ``projection_dim``, ``hidden_dim``, ``dropout`` (Combiner).
+``compositor`` ("combiner" | "sum"), ``fusion`` ("normalized" | "raw") and ``text_weight`` of the
+sum, ``align_features`` ("normalized" | "raw"), ``match_scale``, ``align_scale``,
+``reason_scale``, ``tac_layers``, ``tac_heads``, ``tac_dropout``, ``tac_share_layers``,
+``tac_shared_cls``, ``hca_dropout``, ``hca_query`` ("mean" | "first"), ``hca_text_mask``,
+``projection_dim``, ``hidden_dim``, ``dropout`` (Combiner).
 """
 from __future__ import annotations
 
@@ -45,13 +51,15 @@ from ..encoders.base import EncoderPair, Features
 from ..errors import ConfigError
 from ..gather import gather_rows   # identity outside a multi-process global batch
 from ..losses import diagonal_cross_entropy
-from .base import CIRMethod, check_weight, excluding, read_options, require_tokens, sum_compose
+from .base import (CIRMethod, check_fusion, check_weight, excluding, read_options, require_tokens,
+                   sum_compose)
 from .combiner import CombinerNet
 from .hca import HingeCrossAttention
 from .registry import register_method
 from .tac import TwinAttentionCompositor
 
 COMPOSITORS = ("combiner", "sum")
+ALIGN_FEATURES = ("normalized", "raw")
 
 
 @register_method("cala")
@@ -62,8 +70,9 @@ class CaLa(CIRMethod):
     DEFAULTS: dict[str, Any] = {
         "tac": True, "hca": True, "w_tac": 0.45, "w_hca": 0.1, "compositor": "combiner",
         "match_scale": 100.0, "align_scale": 10.0, "reason_scale": 10.0,
-        "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False,
-        "hca_dropout": 0.1, "hca_query": "mean",
+        "fusion": "normalized", "text_weight": 0.5, "align_features": "normalized",
+        "tac_layers": 4, "tac_heads": 1, "tac_dropout": 0.0, "tac_share_layers": False, "tac_shared_cls": False,
+        "hca_dropout": 0.1, "hca_query": "mean", "hca_text_mask": True,
         "projection_dim": None, "hidden_dim": None, "dropout": 0.5,
     }
 
@@ -76,10 +85,14 @@ class CaLa(CIRMethod):
         if o["compositor"] not in COMPOSITORS:
             raise ConfigError(f"method_config.compositor: expected one of {', '.join(COMPOSITORS)} for cala, "
                               f"got {o['compositor']!r}")
+        check_fusion(self.name, o)
+        if o["align_features"] not in ALIGN_FEATURES:
+            raise ConfigError(f"method_config.align_features: expected one of {', '.join(ALIGN_FEATURES)} for "
+                              f"cala, got {o['align_features']!r}")
         d = encoder.embed_dim
         self.tac = TwinAttentionCompositor(encoder.image_token_dim, d, num_layers=o["tac_layers"],
                                            num_heads=o["tac_heads"], dropout=o["tac_dropout"],
-                                           share_layers=o["tac_share_layers"])
+                                           share_layers=o["tac_share_layers"], shared_cls=o["tac_shared_cls"])
         self.hca = HingeCrossAttention(encoder.image_token_dim, encoder.text_token_dim, d,
                                        dropout=o["hca_dropout"], query=o["hca_query"])
         self.combiner = (CombinerNet(d, o["projection_dim"], o["hidden_dim"], o["dropout"])
@@ -103,8 +116,13 @@ class CaLa(CIRMethod):
 
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
         if self.combiner is None:
-            return sum_compose(reference.pooled.float(), text.pooled.float())
+            return sum_compose(reference.pooled.float(), text.pooled.float(), self.options["fusion"],
+                               self.options["text_weight"])
         return F.normalize(self.combiner(reference.pooled.float(), text.pooled.float()), dim=-1)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Features in the align/reason logits: L2-normalised (ours) or as computed (public code)."""
+        return F.normalize(x, dim=-1) if self.options["align_features"] == "normalized" else x
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         o = self.options
@@ -112,7 +130,7 @@ class CaLa(CIRMethod):
         target = self.image_features(batch["target"])
         text = self.text_features(batch["text"])
         target_vec = self.gallery_embedding(target)
-        text_vec = F.normalize(text.pooled.float(), dim=-1)
+        text_vec = self._unit(text.pooled.float())
 
         logits_match = o["match_scale"] * self.compose(reference, text) @ gather_rows(target_vec).t()
         out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
@@ -121,7 +139,7 @@ class CaLa(CIRMethod):
             require_tokens(reference, "reference image", self.name)
             require_tokens(target, "target image", self.name)
             fused = self.tac(reference.tokens.float(), target.tokens.float(), reference.mask, target.mask)
-            logits_align = o["align_scale"] * text_vec @ gather_rows(F.normalize(fused, dim=-1)).t()
+            logits_align = o["align_scale"] * text_vec @ gather_rows(self._unit(fused)).t()
             out["align"] = diagonal_cross_entropy(logits_align.detach())
             logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
         contrastive = diagonal_cross_entropy(logits)
@@ -132,9 +150,9 @@ class CaLa(CIRMethod):
             require_tokens(target, "target image", self.name)
             require_tokens(text, "text", self.name)
             pseudo_target = self.hca(reference.tokens.float(), text.tokens.float(), target.tokens.float(),
-                                     reference.mask, text.mask, target.mask)
-            reference_vec = F.normalize(reference.pooled.float(), dim=-1)
-            logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ gather_rows(reference_vec).t()
+                                     reference.mask, text.mask if o["hca_text_mask"] else None, target.mask)
+            reference_vec = self._unit(reference.pooled.float())
+            logits_reason = o["reason_scale"] * self._unit(pseudo_target) @ gather_rows(reference_vec).t()
             reasoning = diagonal_cross_entropy(logits_reason)
             out["reasoning"] = reasoning.detach()
             loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive

@@ -8,7 +8,8 @@ positions (GAP, attention pooling, a ViT class token); the tiny tower instead pr
 flattened map with position-specific weights, and there Grad-CAM lit up the empty background
 rather than the shapes (seen on the synthetic images). For it the default (``weighting="auto"``)
 is LayerCAM's per-location weighting (Jiang et al. 2021): ReLU(sum_c ReLU(dS/dA_c(x, y)) A_c(x, y)). The map is min-max normalised to [0, 1] per image and bilinearly
-upsampled to the image; pixels whose value is above ``tau`` form the noun's region.
+upsampled to the image; pixels whose value is above ``tau`` form the noun's region. Which side
+of it a masked query image loses is :func:`cam_drop_mask`'s ``region``.
 
 Which activation A is, per tower (it must lie on the path to the pooled feature, so its
 gradient is not zero):
@@ -18,7 +19,8 @@ gradient is not zero):
 * open_clip ViT: the patch tokens at the *input* of the last residual block -- the patch
   outputs of ``ln_post`` do not reach the pooled class token, so their gradient is zero.
 
-Masked pixels are set to 0 in normalised space, i.e. to the normalisation mean colour.
+Masked pixels are set to 0 in normalised space, i.e. to the normalisation mean colour
+(``fill="mean"``), or copied from the next image of the batch (``fill="batch"``).
 """
 from __future__ import annotations
 
@@ -117,24 +119,60 @@ def noun_cams(encoder: EncoderPair, pixels: torch.Tensor, nouns: Sequence[str], 
     return grad_cam(encoder, pixels, noun_text_features(encoder, nouns, prompt).to(pixels.device), weighting)
 
 
-def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "highlighted",
+#: which side of the CAM threshold a masked query image loses (old names still accepted)
+CAM_REGIONS = ("unrelated", "noun")
+REGION_ALIASES = {"rest": "unrelated", "highlighted": "noun"}
+
+
+def cam_region_name(region: str) -> str:
+    """The canonical direction name; ``"rest"``/``"highlighted"`` were the names before the
+    complementary pairing became the default."""
+    region = REGION_ALIASES.get(region, region)
+    if region not in CAM_REGIONS:
+        raise ValueError(f"cam region must be 'unrelated' or 'noun', got {region!r}")
+    return region
+
+
+def cam_drop_mask(cam: torch.Tensor, tau: float, region: str = "unrelated") -> torch.Tensor:
+    """``[B, H, W]`` True where the query image is replaced.
+
+    ``"unrelated"``: everything *outside* the noun's CAM region (CAM <= tau): the image keeps
+    the noun's object, so with the noun masked in the caption the pair is complementary, like
+    a CIR query (phi has to carry the object, the text carries its context).
+    ``"noun"``: the noun's CAM region itself (CAM > tau): with noun masking, the noun leaves
+    the caption *and* the image (the direction this code used before)."""
+    inside = cam > float(tau)
+    return ~inside if cam_region_name(region) == "unrelated" else inside
+
+
+def apply_cam_mask(pixels: torch.Tensor, cam: torch.Tensor, tau: float, region: str = "unrelated",
                    fill: str = "mean") -> torch.Tensor:
-    """Replace the pixels of the CAM region above ``tau`` (``region="highlighted"``), or everything
-    but that region (``region="rest"``).
+    """Replace the pixels :func:`cam_drop_mask` selects.
 
     ``fill="mean"`` sets them to 0 (the normalisation mean colour); ``fill="batch"`` copies the
-    same positions from the next image of the batch (2406.18836 masks the region with patches
-    of other images in the batch, so the query image stays a natural-looking image)."""
-    inside = cam > float(tau)
-    if region == "highlighted":
-        drop = inside
-    elif region == "rest":
-        drop = ~inside
-    else:
-        raise ValueError(f"cam region must be 'highlighted' or 'rest', got {region!r}")
-    drop = drop[:, None].expand_as(pixels)
+    same positions from the next image of the batch, so the query stays a natural-looking image.
+    The batch fill is this project's choice: no source read here (the paper's abstract, the
+    paper summary in ``/work/shared/papers``, a third-party digest) describes how the masked
+    part is filled."""
+    drop = cam_drop_mask(cam, tau, region)[:, None].expand_as(pixels)
     if fill == "mean":
         return pixels.masked_fill(drop, 0.0)
     if fill == "batch":
         return torch.where(drop, pixels.roll(1, dims=0), pixels)
     raise ValueError(f"cam fill must be 'mean' or 'batch', got {fill!r}")
+
+
+def region_iou(region: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU ``[B]`` of two boolean masks ``[B, H, W]`` (1 when both are empty)."""
+    region, target = region.flatten(1).bool(), target.flatten(1).bool()
+    inter = (region & target).sum(dim=1).float()
+    union = (region | target).sum(dim=1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def object_survival(pixels: torch.Tensor, masked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image fraction ``[B]`` of the object's pixels (``target`` ``[B, H, W]``) that the
+    masked query image still shows unchanged (NaN for an image without object pixels)."""
+    same = (masked == pixels).all(dim=1) & target.bool()
+    n = target.flatten(1).bool().sum(dim=1).float()
+    return same.flatten(1).sum(dim=1).float() / n

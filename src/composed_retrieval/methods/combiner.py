@@ -1,7 +1,11 @@
 """CLIP4Cir's Combiner (Baldrati et al.): the multimodal compositor that DRA reuses too.
 
-Stage 1 fine-tunes the towers with an element-wise sum (method ``sum`` with
-``train_image_tower``/``train_text_tower``); stage 2 trains this network on frozen towers.
+Stage 1 fine-tunes the towers with an element-wise sum (stage ``finetune``; ``fusion`` as in the
+``sum`` method); stage 2 trains this network on frozen towers. ``CombinerNet`` follows
+github.com/ABaldrati/CLIP4Cir ``src/combiner.py`` (``combine_features``) and equals it on
+unit-norm inputs (``tests/test_faithfulness.py``); the one deliberate difference is that it
+L2-normalises its inputs first (see ``CombinerNet.forward``), so on raw CLIP features it is not
+CLIP4Cir's function.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from torch import nn
 
 from ..encoders.base import EncoderPair, Features
 from ..losses import batch_contrastive
-from .base import CIRMethod
+from .base import CIRMethod, check_fusion, sum_compose
 from .registry import register_method
 
 
@@ -61,7 +65,7 @@ class Combiner(CIRMethod):
     towers are already adapted (``init_from`` a stage-1 run)."""
 
     stages = ("finetune", "combiner")
-    options = frozenset({"projection_dim", "hidden_dim", "dropout", "logit_scale"})
+    options = frozenset({"projection_dim", "hidden_dim", "dropout", "logit_scale", "fusion", "text_weight"})
 
     def __init__(self, encoder: EncoderPair, config: dict[str, Any] | None = None) -> None:
         super().__init__(encoder, config)
@@ -69,11 +73,15 @@ class Combiner(CIRMethod):
         self.combiner = CombinerNet(d, self.config.get("projection_dim"), self.config.get("hidden_dim"),
                                     float(self.config.get("dropout", 0.5)))
         self.logit_scale = float(self.config.get("logit_scale", 100.0))
+        # the stage-1 sum: "normalized" (default) or CLIP4Cir's "raw" (see methods/base.py)
+        self.fusion = {"fusion": self.config.get("fusion", "normalized"), "text_weight": self.config.get("text_weight", 0.5)}
+        check_fusion(self.name, self.fusion)
+        self.config.update(self.fusion)
 
     def compose(self, reference: Features, text: Features) -> torch.Tensor:
         if self.stage == "finetune":
-            return F.normalize(F.normalize(reference.pooled.float(), dim=-1)
-                               + F.normalize(text.pooled.float(), dim=-1), dim=-1)
+            return sum_compose(reference.pooled.float(), text.pooled.float(), self.fusion["fusion"],
+                               float(self.fusion["text_weight"]))
         out = self.combiner(reference.pooled.float(), text.pooled.float())
         return F.normalize(out, dim=-1)
 

@@ -18,7 +18,9 @@ Differences, on purpose:
 * the query position: the public code takes row 0 of the 9x9 ResNet map, i.e. the top-left cell,
   not a CLS. By default we use the mean of the reference tokens -- the token CLIP's own attention
   pool queries with -- and only compute that row; ``query="first"`` reproduces the public code
-  (and is the right choice for ViT/Q-former tokens whose row 0 is a CLS);
+  (and is the right choice for ViT/Q-former tokens whose row 0 is a CLS); with it and no text
+  mask the output equals the public formula
+  (``tests/test_faithfulness.py::test_hca_first_query_without_text_mask_matches_public_code``);
 * K_c maps the text-token width to d directly (in the public code both are 640), and an output
   projection to ``dim_out`` is added only when the attention width differs from it.
 """

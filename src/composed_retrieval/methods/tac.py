@@ -10,13 +10,21 @@ complementary-text-reasoning branch). Settings from CaLa's public CLIP code
   lets the query side attend to the other image, every later layer attends to the previous
   layer's output, always with the *original* query-side tokens as queries (no residual, norm or
   MLP);
-* a CLS token is prepended and the output is the mean of the two stacks' CLS outputs.
+* ONE CLS token is prepended to both images' tokens, so it is on the query side of both stacks
+  and on the key side of layer 1 (keys = [CLS; other image]); the output is the mean of the two
+  stacks' CLS outputs;
+* each stack applies ONE attention module four times (weights shared across layers).
 
-Deliberate differences from that code: the CLS tokens are learned parameters (the public code
-draws ``torch.randn`` every forward, so its output is random even in eval mode); key padding
-masks are honoured; the public code applies ONE attention module four times per stack (weights
-shared across layers) -- ``share_layers=True`` reproduces that, the default gives each layer its
-own weights, as "a stack of layers" reads in both papers.
+``shared_cls=True, share_layers=True`` reproduce that layout exactly (the ``*_paper.json``
+configs use it; pinned by ``tests/test_faithfulness.py::test_tac_matches_cala_public_layout``).
+The defaults (``shared_cls=False, share_layers=False``) are our own layout: one learned CLS per
+stack, on the query side only, so each stack's summary token starts from its own parameter and
+the keys are the other image's tokens alone; and each layer has its own weights, as "a stack of
+layers" reads in both papers.
+
+Deliberate differences kept in both layouts: the CLS token is a learned parameter (the public
+code draws ``torch.randn`` every forward, so its output is random even in eval mode); key
+padding masks are honoured (the public code has fixed 9x9 maps and no padding).
 """
 from __future__ import annotations
 
@@ -37,11 +45,14 @@ class TwinAttentionCompositor(nn.Module):
     """``TAC(reference_tokens, target_tokens) -> [B, dim_out]``.
 
     ``dim_model`` is the attention width (default ``dim_out``, as in the public code where both
-    are 640); the output projection is the identity when the two agree.
+    are 640); the output projection is the identity when the two agree. ``shared_cls=True`` is
+    the public CLIP layout (one CLS for both stacks, also on the key side of layer 1);
+    ``share_layers=True`` reuses one attention module per stack, as the public code does.
     """
 
     def __init__(self, dim_tokens: int, dim_out: int, num_layers: int = 4, num_heads: int = 1,
-                 dropout: float = 0.0, dim_model: int | None = None, share_layers: bool = False) -> None:
+                 dropout: float = 0.0, dim_model: int | None = None, share_layers: bool = False,
+                 shared_cls: bool = False) -> None:
         super().__init__()
         dim_model = dim_model or dim_out
         if num_layers < 1:
@@ -50,9 +61,13 @@ class TwinAttentionCompositor(nn.Module):
             raise ConfigError(f"TAC attention width {dim_model} is not divisible by num_heads={num_heads}")
         self.num_layers = num_layers
         self.share_layers = share_layers
+        self.shared_cls = shared_cls
         self.input_projection = nn.Sequential(nn.Linear(dim_tokens, dim_model), nn.ReLU())
-        self.cls_reference = nn.Parameter(torch.randn(1, 1, dim_model) * 0.02)
-        self.cls_target = nn.Parameter(torch.randn(1, 1, dim_model) * 0.02)
+        if shared_cls:
+            self.cls = nn.Parameter(torch.randn(1, 1, dim_model) * 0.02)
+        else:
+            self.cls_reference = nn.Parameter(torch.randn(1, 1, dim_model) * 0.02)
+            self.cls_target = nn.Parameter(torch.randn(1, 1, dim_model) * 0.02)
         n_modules = 1 if share_layers else num_layers
 
         def stack() -> nn.ModuleList:
@@ -63,13 +78,19 @@ class TwinAttentionCompositor(nn.Module):
         self.target_attention = stack()      # target tokens query the reference
         self.output_projection = nn.Identity() if dim_model == dim_out else nn.Linear(dim_model, dim_out)
 
+    @staticmethod
+    def _with_cls(cls: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = tokens.shape[0]
+        out = torch.cat([cls.expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
+        if mask is None:
+            return out, None
+        return out, torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+
     def _stack(self, layers: nn.ModuleList, cls: torch.Tensor, queries: torch.Tensor,
                query_mask: torch.Tensor | None, keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        batch = queries.shape[0]
-        q = torch.cat([cls.expand(batch, -1, -1).to(queries.dtype), queries], dim=1)
-        q_mask = None if query_mask is None else torch.cat(
-            [torch.ones(batch, 1, dtype=torch.bool, device=query_mask.device), query_mask], dim=1)
-        kv, kv_mask = keys, key_mask
+        q, q_mask = self._with_cls(cls, queries, query_mask)
+        kv, kv_mask = self._with_cls(cls, keys, key_mask) if self.shared_cls else (keys, key_mask)
         for i in range(self.num_layers):
             attention = layers[0 if self.share_layers else i]
             kv, _ = attention(q, kv, kv, need_weights=False,
@@ -82,6 +103,7 @@ class TwinAttentionCompositor(nn.Module):
         """``reference`` ``[B, Lr, dim_tokens]``, ``target`` ``[B, Lt, dim_tokens]``; masks True = real."""
         ref = zero_padding(self.input_projection(zero_padding(reference, reference_mask)), reference_mask)
         tgt = zero_padding(self.input_projection(zero_padding(target, target_mask)), target_mask)
-        from_reference = self._stack(self.reference_attention, self.cls_reference, ref, reference_mask, tgt, target_mask)
-        from_target = self._stack(self.target_attention, self.cls_target, tgt, target_mask, ref, reference_mask)
+        cls_ref, cls_tgt = (self.cls, self.cls) if self.shared_cls else (self.cls_reference, self.cls_target)
+        from_reference = self._stack(self.reference_attention, cls_ref, ref, reference_mask, tgt, target_mask)
+        from_target = self._stack(self.target_attention, cls_tgt, tgt, target_mask, ref, reference_mask)
         return self.output_projection((from_reference + from_target) / 2)

@@ -2,26 +2,41 @@
 that fills the "$" slot of a prompt; both CLIP towers stay frozen, only phi trains, and it
 trains on image-caption pairs (``train_on = "pairs"``), never on CIR triplets.
 
-phi = MLP(d -> 4d -> 4d -> d_tok) with GELU and dropout (SEARLE ``src/phi.py``: hidden =
-4 x visual output dim, dropout 0.5, AdamW lr 1e-4, weight decay 0.01). d is the pooled feature
-size and d_tok the text transformer width (the word-embedding size): ViT-L/14 768 -> 3072 ->
-3072 -> 768 (2406.18836's 768-3072-768), ViT-B/32 512 -> 2048 -> 2048 -> 512, RN50x4 640 ->
-2560 -> 2560 -> 640, tiny 256 -> 1024 -> 1024 -> 128.
+phi = MLP(d -> 4d -> 4d -> d_tok) with GELU and dropout (SEARLE ``src/phi.py``: three linear
+layers, hidden = 4 x visual output dim, dropout 0.5, AdamW lr 1e-4, weight decay 0.01). d is
+the pooled feature size and d_tok the text transformer width (the word-embedding size):
+ViT-L/14 768 -> 3072 -> 3072 -> 768, which is what the paper summary of 2406.18836
+(the project's shared ``papers/002_e97f42742b7771b2.txt``: "MLP Textual Inversion Network (3 layers,
+768-3072-768)") describes; ViT-B/32 512 -> 2048 -> 2048 -> 512, RN50x4 640 -> 2560 -> 2560 ->
+640, tiny 256 -> 1024 -> 1024 -> 128.
 
 Objectives (weighted sum ``w_plain * plain + w_masked * masked``):
 
 * plain (Pic2Word ``get_loss_img2text``): the prompt "a photo of $" with phi(image) must match
   the image's own feature, symmetric contrastive over the batch at a fixed logit scale
   (Pic2Word uses the frozen CLIP's, 100).
-* masked (arXiv 2406.18836, DESIGN section 3): per caption one noun is chosen;
-  ``noun_mask`` replaces it by "$" (else the query text is ``prompt`` around the full caption);
-  ``cam_mask`` replaces the image region a Grad-CAM for that noun highlights above ``tau`` by
-  the same region of another image in the batch (``cam_fill="batch"``, as 2406.18836 does;
-  ``"mean"`` blanks it instead; methods/cam.py; ``cam_region="rest"`` keeps that region and
-  replaces the rest instead);
-  the query text with phi(masked image) must match the *full* image (symmetric contrastive).
-  Only the paper's abstract could be read here, so the paper's loss weights and its tau were
-  not checked: the defaults (1, 1, 0.3) are ours.
+* masked (arXiv 2406.18836): per caption one noun is chosen; ``noun_mask`` replaces it by "$"
+  (else the query text is ``prompt`` around the full caption); ``cam_mask`` masks the query
+  image by a Grad-CAM for that noun (methods/cam.py), on one side of ``tau``:
+
+  - ``cam_region="unrelated"`` (default): the part of the image *unrelated* to the noun (CAM
+    <= tau) is masked, the noun's region is kept. With ``noun_mask`` the pair is
+    complementary, as a CIR query is: the image keeps the noun's object, the text keeps its
+    context, and phi(masked image) must supply what the "$" stands for. This follows the only
+    method-level description found, a third-party digest of the paper ("one word of the text
+    is masked and the part of the image unrelated to that word is masked", complementary
+    image-text pairs); the paper's own method section could not be read here.
+  - ``cam_region="noun"``: the noun's CAM region is masked. With ``noun_mask`` the noun leaves
+    both the caption and the image, so the query carries nothing about it (this code's
+    behaviour before; the paper summary's "masking one noun word in the text and
+    corresponding image regions" can be read this way). ``"highlighted"``/``"rest"``, the
+    old names, are accepted for ``"noun"``/``"unrelated"``.
+
+  The masked pixels are replaced by the same pixels of another image in the batch
+  (``cam_fill="batch"``) or by the mean colour (``"mean"``); no source read here says how
+  2406.18836 fills them: the batch fill is this project's choice. The query text with
+  phi(masked image) must match the *full* image (symmetric contrastive). The paper's loss
+  weights and its tau were not checked: the defaults (1, 1, 0.3) are ours.
 
 Inference (SEARLE ``validate.py``): "a photo of $ that {caption}" with phi(reference). The
 caption reaches ``compose`` as token ids (the shared evaluation code tokenizes it), so the
@@ -43,7 +58,7 @@ from .base import CIRMethod
 from .registry import register_method
 
 DEFAULTS: dict[str, Any] = {
-    "prompt": "a photo of $ that {caption}",   # inference (SEARLE, DESIGN)
+    "prompt": "a photo of $ that {caption}",   # inference (SEARLE validate.py)
     "train_prompt": "a photo of $",            # plain objective (Pic2Word)
     "dropout": 0.5,                            # SEARLE --phi-dropout
     "hidden_mult": 4,                          # SEARLE hidden_dim = 4 x output_dim of CLIP
@@ -51,8 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "noun_mask": False,
     "cam_mask": False,
     "tau": 0.3,
-    "cam_region": "highlighted",               # which side of the CAM threshold is replaced
-    "cam_fill": "batch",                       # replaced by another batch image's pixels (or "mean")
+    "cam_region": "unrelated",                 # what the query image loses: "unrelated" | "noun"
+    "cam_fill": "batch",                       # another batch image's pixels (our choice) or "mean"
     "cam_prompt": "a {noun}",
     "nouns": "pos",                            # 'synthetic' | 'pos' | list of words (data/nouns.py)
     "w_plain": 1.0,
@@ -109,8 +124,11 @@ class TextualInversion(CIRMethod):
         c = self.config
         if not c["prompt"].endswith("{caption}") or c["prompt"].count("$") != 1:
             raise ConfigError("textual_inversion 'prompt' must contain one '$' and end with '{caption}'")
-        if c["cam_region"] not in ("highlighted", "rest"):
-            raise ConfigError("textual_inversion 'cam_region' must be 'highlighted' or 'rest'")
+        from .cam import REGION_ALIASES, cam_region_name
+        if c["cam_region"] not in ("unrelated", "noun", *REGION_ALIASES):
+            raise ConfigError("textual_inversion 'cam_region' must be 'unrelated' (mask what is unrelated to "
+                              "the noun: complementary to the caption) or 'noun' (mask the noun's region)")
+        c["cam_region"] = cam_region_name(c["cam_region"])
         if c["cam_fill"] not in ("batch", "mean"):
             raise ConfigError("textual_inversion 'cam_fill' must be 'batch' or 'mean'")
         if not 0.0 <= float(c["tau"]) < 1.0:

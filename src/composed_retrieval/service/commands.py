@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import ConfigError
 
@@ -9,7 +10,7 @@ from ..errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an index over HTTP with a search web page",
                        description="Start a web server: the search page at /, the JSON API at "
-                                   "/search, its documentation at /docs.")
+                                   "/search, its description at /openapi.json.")
     p.add_argument("--index", required=True, help="index folder made by `cir index`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -26,29 +27,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting for a free slot; more are answered 429 (default 64)")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds before an unanswered request gets 503, queueing included (default 30)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a search's body may take to arrive before 408 (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a request's headers may take to arrive before 408 (default 10)")
+    p.add_argument("--decode-memory-mb", type=float, default=512.0,
+                   help="memory all concurrent image decodes may hold; more wait (default 512)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*' for any). "
+                        "localhost, IP addresses and --host are always allowed; other names are "
+                        "refused against DNS rebinding")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from .app import Limits, create_app
+    from .guard import TimedH11Protocol
     from ..index.search import Searcher
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queued < 0:
         raise ConfigError(f"--max-queued must be 0 or more, got {args.max_queued}")
     for name in ("max_upload_mb", "max_image_pixels", "max_text_chars", "max_k", "max_concurrent",
-                 "request_timeout"):
+                 "request_timeout", "body_timeout", "header_timeout", "decode_memory_mb"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     import uvicorn
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
                     max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
-                    request_timeout_s=args.request_timeout)
+                    request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout,
+                    header_timeout_s=args.header_timeout,
+                    decode_memory_bytes=int(args.decode_memory_mb * 2**20),
+                    allowed_hosts=tuple(dict.fromkeys([args.host, *args.allow_host])))
     searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
                              max_pixels=limits.max_image_pixels)
     app = create_app(searcher, limits)
     print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs); Ctrl-C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+          f"(API description at /openapi.json); Ctrl-C stops")
+    os.environ["CIR_HEADER_TIMEOUT_S"] = str(limits.header_timeout_s)   # reaches spawned workers too
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=TimedH11Protocol)
     return 0

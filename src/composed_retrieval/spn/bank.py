@@ -4,8 +4,12 @@ SPN (arXiv 2404.11317; public code github.com/BUAADreamer/SPN4CIR, ``clip4cir/mo
 ``clip4cir/train.py``) freezes the image tower in stage 2, encodes every unique training image
 once (duplicates share one row), keeps the L2-normalised features as a static bank and trains
 with ``CE(q @ bank.T / tau, target row)``. Its commands use tau 0.02 (CLIP4Cir, FashionIQ and
-CIRR, lr 2e-5, 3 epochs, batch 256), 0.03/0.02 (BLIP, lr 5e-6/6e-6), 0.05 (BLIP-2, lr 1e-5),
-0.02/0.01 (TG-CIR) and 0.02 for the zero-shot model (lr 2e-6); only the bank loss is optimised.
+CIRR, lr 2e-5, 3 epochs, batch 256), 0.03 (BLIP4CIR FashionIQ, lr 5e-6) / 0.02 (BLIP4CIR CIRR,
+lr 6e-6), 0.05 (BLIP-2, lr 1e-5), 0.02/0.01 (TG-CIR) and 0.02 for the zero-shot model (lr
+2e-6); only the bank loss is optimised. The default here is CLIP4Cir's 0.02 (also in
+``configs/spn_clip4cir.json``, SPN4CIR's CLIP4Cir stage 2); ``configs/demo_combiner.json`` and
+``benchmarks/spn_table.py`` use 0.03, BLIP4CIR's FashionIQ value, which their README numbers
+were measured with.
 ``--neg_num k`` instead scores each query against its target plus k other rows drawn at random
 without replacement.
 

@@ -33,15 +33,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-split", default="spn", help="name of the generated split (default spn)")
     p.add_argument("--categories", default=None, help="FashionIQ categories, comma-separated (default all)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="run or checkpoint folder whose image side ranks the images")
-    src.add_argument("--encoder", help="tiny | open_clip:<model>: rank with this image tower")
+    src.add_argument("--model", help="run or checkpoint folder whose gallery embedding ranks the images (our choice: "
+                                     "the features the bank stage scores with)")
+    src.add_argument("--encoder", help="tiny | open_clip:<model>: rank with this separate image tower (SPN4CIR ranks "
+                                       "with a separate model, UNICOM ViT-L/14)")
     p.add_argument("--encoder-checkpoint", default=None, help="weights for --encoder (default: random, tiny only useful for tests)")
+    p.add_argument("--text-encoder", default=None,
+                   help="tiny | open_clip:<model> | a run folder: whose tokenizer decides which texts fit (the text "
+                        "tower you will train; SPN4CIR checks with its CIR model's clip.tokenize). Default: the "
+                        "ranking model's")
     p.add_argument("--captioner", required=True,
                    help="scenes | file:PATH (JSON or TSV name->caption) | model:PATH (local transformers "
                         "image-to-text folder) | python:MODULE:FUNCTION (images -> captions)")
     p.add_argument("--window", default="20,100",
-                   help="partner ranks 'lo,hi' among the other images (0 = nearest), or 'all' (default 20,100; "
-                        "SPN used 10000,15000 on CIRR with CLIP4Cir)")
+                   help="partner ranks 'lo,hi' among the other images (0 = the nearest neighbour, the image itself "
+                        "is never counted), or 'all' (default 20,100; SPN4CIR counts the image itself as rank 0, so "
+                        "its CLIP4Cir CIRR window 10000-15000 is 9999,14999 here)")
     p.add_argument("--per-image", type=int, default=1, help="partners per reference image (SPN --k, default 1)")
     p.add_argument("--max-triplets", type=int, default=None, help="keep this many triplets at random (SPN --K)")
     p.add_argument("--templates", default="0,1",
@@ -61,6 +68,34 @@ def _templates(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise ConfigError(f"--templates {text!r}: expected comma-separated indices such as 0,1") from None
+
+
+def _tokenize_longer(encoder: Any, text: str, length: int) -> torch.Tensor | None:
+    """``text``'s ids in a context of ``length`` tokens, from the encoder's own tokenizer; None
+    when the tokenizer cannot be asked for another length."""
+    from ..encoders.tokenizer import HashTokenizer
+
+    tok = getattr(encoder, "tokenizer", None)
+    if isinstance(tok, HashTokenizer):
+        return HashTokenizer(tok.n_buckets, length)([text])
+    try:                                   # open_clip's tokenizers take a context_length
+        return tok([text], context_length=length)  # type: ignore[misc]
+    except TypeError:
+        return None
+
+
+def fits_context(encoder: Any, text: str) -> bool:
+    """Whether ``text`` fits the text tower's context with its begin and end tokens (SPN: the
+    text ``clip.tokenize`` accepts, i.e. at most the context length, 77 for CLIP).
+
+    A padded last position (id 0) means it fits with room; a full row is either an exact fit or
+    a truncation, which tokenizing in one more position tells apart. A tokenizer that cannot
+    be asked for another length keeps the conservative answer (a full row does not fit)."""
+    ids = encoder.tokenize([text])
+    if int(ids[0, -1]) == 0:
+        return True
+    longer = _tokenize_longer(encoder, text, ids.shape[1] + 1)
+    return longer is not None and int(longer[0, -1]) == 0
 
 
 def image_encoder(model: str | None, encoder: str | None, encoder_checkpoint: str | None,
@@ -96,7 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     opts.check()   # before the (slow) encoder and captioner are built
     captioner = build_captioner(args.captioner, args.root, args.split, str(device))
     encoder, to_vectors, source = image_encoder(args.model, args.encoder, args.encoder_checkpoint, device)
-    opts.extra = {"ranked_by": source}
+    text_side, text_source = encoder, source
+    if args.text_encoder:
+        is_run = Path(args.text_encoder).is_dir()
+        text_side, _, text_source = image_encoder(args.text_encoder if is_run else None,
+                                                  None if is_run else args.text_encoder, None, torch.device("cpu"))
+    opts.extra = {"ranked_by": source, "texts_fitted_to": text_source}
     cache = FeatureCache(args.cache_dir or Path(args.root) / ".feature_cache")
     transform = encoder.image_transform(args.preprocess)
 
@@ -108,11 +148,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         feats = Features(cached.pooled.float().to(device), cached.tokens.float().to(device))
         return to_vectors(feats).float().cpu()
 
-    def fits(text: str) -> bool:
-        """The text tower's tokenizer pads a text that fits (PAD id 0 in the last position)."""
-        return int(encoder.tokenize([text])[0, -1]) == 0
-
-    manifest = generate(opts, captioner, encode, progress=not args.quiet, fits=fits)
+    manifest = generate(opts, captioner, encode, progress=not args.quiet,
+                        fits=lambda text: fits_context(text_side, text))
     print(json.dumps({"out_split": args.out_split, "triplets": manifest["triplets"],
                       "duplicates_removed": len(manifest["duplicates_removed"]),
                       "texts_shortened_to_B": manifest["texts_shortened_to_B"], "files": manifest["files"],

@@ -10,26 +10,47 @@ Scaling Positives and Negatives", arXiv 2404.11317; public code github.com/BUAAD
 * each reference image A gets ``per_image`` partners B (SPN ``--k``, default 1) drawn uniformly
   from a window of its image-to-image similarity ranks (SPN ``--i2i_rank``/``--i2i_rank_max``:
   10000-15000 on CIRR and 10000-20000 on FashionIQ for CLIP4Cir; no window, i.e. any other
-  image, for BLIP). Ranks here count the *other* images (0 = nearest neighbour), computed from
-  cached image features (``cache.FeatureCache``). ``refer_only`` keeps only images that are
-  references in the original triplets (SPN ``--refer``);
-* the modification text comes from the captions of A and B through SPN's templates
+  image, for BLIP). ``refer_only`` keeps only images that are references in the original
+  triplets (SPN ``--refer``).
+
+  *Rank origin.* Ranks here count the *other* images: rank 0 is the nearest neighbour and the
+  image itself is never a candidate. SPN4CIR ranks with ``argsort`` over a similarity matrix
+  whose diagonal is kept (``zscir/get_cir_data.py`` on ``sims.pth``), so the image itself sits
+  at its rank 0 and SPN's window ``[lo, hi)`` is ``[lo - 1, hi - 1)`` here (its CIRR window
+  10000-15000 is ``--window 9999,14999``). The manifest states it (``rank_origin``).
+
+  *Ranking features (a documented choice).* SPN4CIR ranks with a separate image model, not the
+  CIR model it trains: UNICOM ViT-L/14 image features (``zscir/srm_utils.py``: ``SRMCMRModel``,
+  ``sims_intra_i2i = srm_image_feats @ srm_image_feats.T``). Here the features come from the
+  image tower the command is given: ``--encoder`` (any tower, e.g. a separate open_clip model:
+  SPN's setting) or ``--model`` (a trained run's gallery embedding: the features the bank stage
+  will score with; our default use, cheaper, no second model). ``ranked_by`` in the manifest
+  records which; the vectors are cached (``cache.FeatureCache``);
+* the modification texts come from the captions of A and B through SPN's templates
   ``"{B} instead of {A}"``, ``"Unlike {A}, I want {B}"``, ``"{B}"`` (``--p_list``; default
-  templates 0 and 1, FashionIQ runs use 2); one template is drawn per triplet; a text that does
-  not fit the text tower's context falls back to ``"{B}"`` (SPN: ``clip.tokenize`` fails ->
-  ``caption2``), so a long "Unlike {A}, ..." never loses its {B} to truncation;
+  templates 0 and 1, FashionIQ runs use 2). As in SPN4CIR, each triplet stores one text per
+  allowed template (a text that does not fit the text tower's context becomes ``"{B}"``: SPN's
+  ``clip.tokenize`` fails -> ``caption2``, so a long "Unlike {A}, ..." never loses its {B} to
+  truncation; a text of exactly the context length fits; the tokenizer that decides is the text
+  tower's, ``--text-encoder``, by default the ranking model's), and the template is drawn each time
+  the triplet is read (SPN ``random.choice(captions)`` in ``clip4cir/data_utils.py``; here
+  ``caption_choices``, drawn by ``data.triplets.TripletDataset`` per epoch and index from the
+  run's seed, so runs repeat);
 * optionally ``max_triplets`` are kept at random (SPN ``--K``).
 
 Output (written atomically, next to the originals, read by the normal loaders unchanged):
 
 * CIRR: ``captions/cap.rc2.{out}.json`` + ``image_splits/split.rc2.{out}.json`` whose paths are
-  copied from the source split file (the same image files). Each triplet gets a valid img_set:
+  copied from the source split file (the same image files). ``caption`` is the first template's
+  text (what CIRR's format and evaluation read); ``caption_choices`` lists every template's
+  text (what training draws from). Each triplet gets a valid img_set:
   ``members = [reference, target] + up to 4 nearest neighbours of the reference`` (the CIRR
   subset is "visually similar images"), ``reference_rank`` 0, ``target_rank`` 1, ``id`` = pairid.
 * FashionIQ: per category ``captions/cap.{cat}.{out}.json`` + ``image_splits/split.{cat}.{out}.json``;
-  partners are drawn within the category. An entry needs two captions; they are two templates
-  drawn without repeats (the same text twice when only one template is allowed), so the loader's
-  "c1 and c2" caption policy still reads naturally.
+  partners are drawn within the category. ``caption_choices`` lists every template's text;
+  ``captions`` (two entries, as the format requires) repeats the first two of them. The loader
+  never joins a generated entry's texts with "and" (SPN4CIR applies its "c1 and c2" policy only
+  to the original triplets, ``index < self.N``): it reads ``caption_choices``.
 * ``spn.{out}.json`` at the root: the settings, counts and the duplicates removed. It is
   written first (marking the output as ours, so a rerun may replace it) and again last.
 
@@ -54,11 +75,13 @@ from ..fileio import atomic_write_json, atomic_write_text, read_json
 from .captioners import Captioner
 
 GENERATOR = "composed_retrieval.spn"
-VERSION = 1
+VERSION = 2          # 2: every template's text stored (caption_choices), drawn when read
 #: SPN4CIR zscir/get_cir_data.py prompt_list, with {0} -> {A} (reference caption), {1} -> {B}
 TEMPLATES = ("{B} instead of {A}", "Unlike {A}, I want {B}", "{B}")
 SUBSET_OTHERS = 4          # CIRR img_sets have 6 members: reference, target and 4 more
 RESERVED_SPLITS = ("train", "val", "test", "test1", "heldout")
+RANK_ORIGIN = ("ranks count the other images: 0 = the nearest neighbour, the image itself is never a "
+               "partner (SPN4CIR counts the image itself as rank 0: its window [lo, hi) is [lo-1, hi-1) here)")
 
 
 @dataclass
@@ -244,7 +267,7 @@ def generate(opts: SPNOptions, captioner: Captioner,
                           "raise --max-triplets or choose --categories")
     manifest = {"generator": GENERATOR, "version": VERSION, "status": "writing",
                 "options": {k: v for k, v in asdict(opts).items() if k not in ("root", "image_root", "extra")},
-                **opts.extra}
+                "rank_origin": RANK_ORIGIN, **opts.extra}
     atomic_write_json(manifest_path, manifest)
 
     counts = {}
@@ -252,7 +275,7 @@ def generate(opts: SPNOptions, captioner: Captioner,
     for g in groups:
         used = sorted({n for p in g.pairs for n in p})
         caps = dict(zip(used, captioner.captions([g.unique[i] for i in used], g.split.image_path)))
-        texts = [_texts(opts, rng, caps[i], caps[j], fits, fallbacks) for i, j in g.pairs]
+        texts = [_texts(opts, caps[i], caps[j], fits, fallbacks) for i, j in g.pairs]
         if opts.dataset == "cirr":
             _write_cirr(opts, g, texts, outputs[0])
         else:
@@ -269,15 +292,13 @@ def generate(opts: SPNOptions, captioner: Captioner,
     return manifest
 
 
-def _texts(opts: SPNOptions, rng: np.random.Generator, a: str, b: str,
-           fits: Callable[[str], bool] | None = None, fallbacks: list[int] | None = None) -> list[str]:
-    """One modification text (CIRR) or two (FashionIQ) from the allowed templates; a text too
-    long for the text tower becomes ``"{B}"`` (the target's caption), as in SPN."""
-    allowed = list(opts.templates)
-    n = 1 if opts.dataset == "cirr" else 2
-    picks = rng.choice(allowed, size=n, replace=len(allowed) < n)
+def _texts(opts: SPNOptions, a: str, b: str, fits: Callable[[str], bool] | None = None,
+           fallbacks: list[int] | None = None) -> list[str]:
+    """One modification text per allowed template, in ``opts.templates`` order (SPN4CIR's
+    ``get_captions``); a text too long for the text tower becomes ``"{B}"`` (the target's
+    caption), as in SPN. Which one a training step sees is drawn when the triplet is read."""
     out = []
-    for t in picks:
+    for t in opts.templates:
         text = TEMPLATES[int(t)].format(A=a, B=b)
         if fits is not None and not fits(text):
             text = TEMPLATES[2].format(A=a, B=b)
@@ -324,7 +345,7 @@ def _write_cirr(opts: SPNOptions, g: _Group, texts: list[list[str]], files: tupl
         members = [ref, tgt] + others
         used.update(dict.fromkeys(members))
         rows.append({"pairid": pairid, "reference": ref, "target_hard": tgt, "target_soft": {tgt: 1.0},
-                     "caption": text[0],
+                     "caption": text[0], "caption_choices": text,
                      "img_set": {"id": pairid, "members": members, "reference_rank": 0, "target_rank": 1}})
     cap_path, split_path = files
     atomic_write_text(split_path, _dump({n: source[n] for n in used}))   # images first: captions point at them
@@ -336,7 +357,8 @@ def _write_fashioniq(opts: SPNOptions, g: _Group, texts: list[list[str]], files:
     for (i, j), text in zip(g.pairs, texts):
         ref, tgt = g.unique[i], g.unique[j]
         used.update(dict.fromkeys((ref, tgt)))
-        rows.append({"target": tgt, "candidate": ref, "captions": text})
+        rows.append({"target": tgt, "candidate": ref, "captions": [text[0], text[1 % len(text)]],
+                     "caption_choices": text})
     cap_path, split_path = files
     atomic_write_text(split_path, _dump(list(used)))
     atomic_write_text(cap_path, _dump(rows))

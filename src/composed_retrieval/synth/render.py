@@ -31,7 +31,7 @@ PNG_COMPRESS_LEVEL = 6
 
 
 def _shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-           fill: tuple[int, int, int]) -> None:
+           fill: tuple[int, int, int] | int) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -46,13 +46,20 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
-    """One independent render of ``scene`` as a ``size`` x ``size`` RGB image."""
+def render_scene(scene: Scene, size: int, rng: np.random.Generator,
+                 masks: list[np.ndarray] | None = None) -> Image.Image:
+    """One independent render of ``scene`` as a ``size`` x ``size`` RGB image.
+
+    ``masks``, when a list is given, receives one ``[size, size]`` float array per object (in
+    scene order): the fraction of each pixel the object covers and that no later object hides.
+    Drawing them takes nothing from ``rng``, so the image is the same with or without them
+    (used to score CAM regions against where the objects really are)."""
     big = size * SUPERSAMPLE
     bg = tuple(int(np.clip(c + rng.integers(-6, 7), 0, 255)) for c in BACKGROUND)
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
     cell = big / 3
+    shapes: list[Image.Image] = []
     for o in scene:
         row, col = divmod(o.cell, 3)
         cx = (col + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
@@ -61,6 +68,20 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
         fill = tuple(int(np.clip(c + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1), 0, 255))
                      for c in COLOR_RGB[o.color])
         _shape(draw, o.shape, cx, cy, r, fill)
+        if masks is not None:
+            m = Image.new("L", (big, big), 0)
+            _shape(ImageDraw.Draw(m), o.shape, cx, cy, r, 255)
+            shapes.append(m)
+    if masks is not None:
+        hidden = np.zeros((big, big), dtype=bool)
+        visible = []
+        for m in reversed(shapes):                # a later object is drawn over an earlier one
+            on = np.asarray(m) > 0
+            visible.append(on & ~hidden)
+            hidden |= on
+        for on in reversed(visible):
+            cover = Image.fromarray(on.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BOX)
+            masks.append(np.asarray(cover, dtype=np.float32) / 255.0)
     small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     noisy = small + rng.normal(0.0, NOISE_STD, size=small.shape)
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")

@@ -78,7 +78,39 @@ def read_checkpoint_meta(folder: Path) -> dict[str, Any]:
     meta = read_json(folder / META, "checkpoint metadata")
     if not isinstance(meta, dict) or "method" not in meta or "encoder_config" not in meta:
         raise CheckpointError("checkpoint metadata lacks 'method' or 'encoder_config'", folder / META)
+    for key, kinds, wanted in _META_FIELDS:
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            raise CheckpointError(f"checkpoint metadata field '{key}' must be {wanted}, "
+                                  f"found {type(value).__name__}", folder / META)
+    if not isinstance(meta["encoder_config"].get("name"), str):
+        raise CheckpointError("checkpoint metadata field 'encoder_config' lacks a string 'name'", folder / META)
+    aliases = meta.get("aliases") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError("checkpoint metadata field 'aliases' must map names to names", folder / META)
     return meta
+
+
+#: checkpoint.json fields and their types (wrong types are one-line errors, not tracebacks)
+_META_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("method", (str,), "a string"), ("encoder_config", (dict,), "an object"),
+    ("method_config", (dict, type(None)), "an object"), ("stage", (str, type(None)), "a string"),
+    ("weights_sha256", (str, type(None)), "a hex string"), ("aliases", (dict, type(None)), "an object"),
+    ("format", (str,), "a string"), ("epoch", (int, type(None)), "an integer"),
+)
+
+
+def load_into(method: CIRMethod, state: dict[str, torch.Tensor], path: Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """``method.load_state_dict`` with a tensor of the wrong shape as a one-line error (a file
+    whose hash was updated after editing passes the hash check)."""
+    try:
+        missing, unexpected = method.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        shapes = [" ".join(line.split()) for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = shapes[0] if shapes else " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"checkpoint does not fit method {getattr(method, 'name', '?')!r}: {detail[:300]}",
+                              path) from None
+    return list(missing), list(unexpected)
 
 
 def load_weights(folder: Path, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -108,7 +140,7 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMeth
     encoder = encoder_from_config({**meta["encoder_config"], "checkpoint": None})
     method = build_method(meta["method"], encoder, meta.get("method_config") or {})
     state = load_weights(folder)
-    missing, unexpected = method.load_state_dict(state, strict=False)
+    missing, unexpected = load_into(method, state, folder / WEIGHTS, strict=False)
     missing = [k for k in missing if k not in (meta.get("aliases") or {})]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit method {meta['method']!r}: "
@@ -133,7 +165,7 @@ def init_weights_from(method: CIRMethod, path: str | Path) -> list[str]:
     take = {k: v for k, v in state.items() if k in own}
     if not any(k.startswith("encoder.") for k in take):
         raise CheckpointError("no encoder weights in common with this model (different encoder?)", folder / WEIGHTS)
-    method.load_state_dict(take, strict=False)
+    load_into(method, take, folder / WEIGHTS, strict=False)
     return sorted(take)
 
 

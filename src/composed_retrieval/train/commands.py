@@ -56,6 +56,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["cirr", "fashioniq", "circo", "user"])
     p.add_argument("--root", help="dataset folder (captions/ + image_splits/, or annotations/)")
     p.add_argument("--image-root", help="image folder when it is not --root")
+    p.add_argument("--val-file", help="--dataset user: a separate validation JSONL (default: the training file)")
+    p.add_argument("--val-fraction", type=float,
+                   help="--dataset user: validate on this held-out fraction of --root's queries, e.g. 0.2")
     p.add_argument("--encoder", help="tiny | open_clip:<model> (e.g. open_clip:RN50x4)")
     p.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
     p.add_argument("--init-from", help="run or checkpoint folder to initialise the weights from")
@@ -70,7 +73,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     return {"method": args.method, "dataset": args.dataset, "root": args.root, "image_root": args.image_root,
             "encoder": args.encoder, "encoder_checkpoint": args.encoder_checkpoint, "init_from": args.init_from,
-            "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+            "seed": args.seed, "batch_size": args.batch_size, "device": args.device,
+            "val_file": args.val_file, "val_fraction": args.val_fraction}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

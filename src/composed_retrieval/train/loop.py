@@ -29,6 +29,10 @@ from ..cache import FeatureTable, encode_with
 from ..data.pixels import PixelSource
 
 
+#: written into every run folder the toolkit creates; best/ and last/ are only replaced there
+RUN_MARKER = "cir-run.json"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +73,37 @@ def load_data(cfg: dict[str, Any], split: str, training: bool) -> list[CIRSplit]
         options["caption_policy"] = cfg.get("caption_policy", "random") if training else "eval"
         if cfg.get("categories"):
             options["categories"] = cfg["categories"]
+    if cfg["dataset"] == "user" and split in (cfg["train_split"], cfg["val_split"]):
+        return [_user_split(cfg, split, training)]
     return load_splits(cfg["dataset"], cfg["root"], split, image_root=cfg.get("image_root"), **options)
+
+
+def _user_split(cfg: dict[str, Any], split: str, training: bool) -> CIRSplit:
+    """User data validates on ``val_file``, on a held-out ``val_fraction`` of the training
+    file, or (neither set) on the training file itself -- which ``validation_source`` says."""
+    from ..data.registry import load_split
+    from ..data.userdata import hold_out
+
+    is_val = split == cfg["val_split"] and not (training and split == cfg["train_split"])
+    image_root = cfg.get("image_root")
+    if is_val and cfg.get("val_file"):
+        return load_split("user", cfg["val_file"], split, image_root=image_root or Path(cfg["val_file"]).parent)
+    data = load_split("user", cfg["root"], split, image_root=image_root)
+    if cfg.get("val_fraction"):
+        train, val = hold_out(data, float(cfg["val_fraction"]))
+        return val if is_val else train
+    return data
+
+
+def validation_source(cfg: dict[str, Any]) -> str:
+    """What the validation metrics (and the best epoch) were measured on, for results.json."""
+    if cfg.get("dataset") != "user":
+        return f"{cfg.get('dataset')} split {cfg.get('val_split')!r}"
+    if cfg.get("val_file"):
+        return f"separate file {cfg['val_file']}"
+    if cfg.get("val_fraction"):
+        return f"held-out {cfg['val_fraction']:g} of {cfg.get('root')} (not trained on)"
+    return f"the training file {cfg.get('root')} itself (no val_file or val_fraction given)"
 
 
 class Trainer:
@@ -89,23 +123,46 @@ class Trainer:
     def _check_run_dir(self) -> dict[str, Any] | None:
         saved = self.run_dir / "config.json"
         state = None
-        if saved.exists() and self.resume:
+        self._claim_run_dir()
+        # a run folder with no checkpoint yet (a first run that failed early) is not a run to
+        # protect: the corrected command starts it afresh instead of being "a different config"
+        started = any((self.run_dir / sub / ckpt.META).is_file() for sub in ("best", "last", ".last.old"))
+        if saved.exists() and self.resume and started:
             for sub in ("best", "last"):  # finish or undo a checkpoint swap cut by a crash
                 ckpt.recover_folder(self.run_dir / sub)
             for tmp in self.run_dir.glob(".*.tmp"):  # atomic_write temporaries of a killed run
                 tmp.unlink(missing_ok=True)
             old = read_json(saved, "run config")
-            if _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):  # keys added since keep defaults
+            if not isinstance(old, dict) or _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):
                 raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
                                   "choose a new --out or pass --no-resume")
             if (self.run_dir / "last" / ckpt.META).is_file():
                 state = ckpt.load_state(self.run_dir / "last")
-        elif saved.exists() and not self.resume:
+        elif saved.exists():
             for name in ("metrics.jsonl",):
                 (self.run_dir / name).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / RUN_MARKER, {"written_by": "cir train"})
         atomic_write_json(self.run_dir / "config.json", self.cfg)
         return state
+
+    def _claim_run_dir(self) -> None:
+        """Refuse to write into checkpoint folders the toolkit did not create: writing best/ and
+        last/ replaces them whole. The marker file says a run folder is ours; a folder from before
+        markers existed is recognised by its config.json next to checkpoint folders."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError("--out names an existing file; a run is a folder", self.run_dir)
+        if (self.run_dir / RUN_MARKER).is_file():
+            return
+        ours = [self.run_dir / n for n in ("best", "last", ".best.new", ".best.old", ".last.new", ".last.old")]
+        present = [p for p in ours if p.exists()]
+        if not present:
+            return
+        legacy = (self.run_dir / "config.json").is_file() and all(
+            (p / ckpt.META).is_file() for p in present if p.name in ("best", "last"))
+        if not legacy:
+            raise ConfigError(f"{present[0]} exists but was not written by `cir train` (no {RUN_MARKER} "
+                              f"marker in the run folder); move it away or choose another --out", self.run_dir)
 
     def _cache(self):  # type: ignore[no-untyped-def]
         from ..cache import FeatureCache
@@ -143,8 +200,9 @@ class Trainer:
         state = self._check_run_dir() if not self.dist.active else self._check_run_dir_all_ranks()
         seed_everything(cfg["seed"])
         method = build_method_from_config(cfg).to(self.device)
+        self._method_options = method_options(method)
         if state is not None:
-            method.load_state_dict(ckpt.load_weights(self.run_dir / "last"))
+            ckpt.load_into(method, ckpt.load_weights(self.run_dir / "last"), self.run_dir / "last" / ckpt.WEIGHTS)
         if self.dist.active and cfg.get("sync_batchnorm", True):
             method = distributed.sync_batchnorm(method, self.device)
         if self.dist.active and getattr(method, "masked", False):
@@ -331,7 +389,13 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
             if max_steps and steps >= int(max_steps):
                 break
-        return {k: round(v / max(steps, 1), 6) for k, v in sums.items()} | {"steps": steps}
+        means = {k: round(v / max(steps, 1), 6) for k, v in sums.items()}
+        # every scalar a method returns is logged (its epoch mean); a method whose training
+        # query is not its inference query (DRA) returns "match" and "match_inference", and
+        # their gap is logged beside them so that a target leak shows in metrics.jsonl
+        if "match" in means and "match_inference" in means:
+            means["match_gap"] = round(means["match_inference"] - means["match"], 6)
+        return means | {"steps": steps}
 
     def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
@@ -356,9 +420,18 @@ class Trainer:
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
                   **{k: best[k] for k in self.cfg.get("extra_eval_splits") or [] if k in best},
-                  "epochs": len(history), "config": self.cfg}
+                  "epochs": len(history), "validation": validation_source(self.cfg), "config": self.cfg,
+                  "method_options": getattr(self, "_method_options", None)}
         atomic_write_json(self.run_dir / "results.json", result)
         return result
+
+
+def method_options(method: CIRMethod) -> dict[str, Any]:
+    """Every option the method runs with, defaults included (e.g. the sum's fusion), for
+    results.json: the config holds only what the user wrote."""
+    options = getattr(method, "options", None)
+    resolved = options if isinstance(options, dict) else method.config
+    return {k: v for k, v in resolved.items() if not str(k).startswith("_")}
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ Stage keys:
   (BLIP/CaLa ``cosine_lr_schedule``); ``groups`` "base" changes group 0 only (CaLa's
   ``onlyGroup0=True``), "all" scales every group the same way. ``{"name": "constant"}`` is the
   default.
+* ``"eps": 1e-7``: AdamW's epsilon (default 1e-8, torch's); CLIP4Cir's stage 1 uses 1e-7.
+  Adam without weight decay (CLIP4Cir's Combiner stage) is AdamW with ``"weight_decay": 0``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def check_stage_options(stage: dict[str, Any], where: str) -> None:
                                                   and not isinstance(v, bool) and v > 0 for k, v in mult.items()):
             raise ConfigError(f"config field {where}.lr_mult must map module names to positive numbers, "
                               f"e.g. {{\"tac\": 2.0}}")
+    eps = stage.get("eps", 1e-8)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise ConfigError(f"config field {where}.eps must be a number in (0, 1), got {eps!r}")
     sched = stage.get("schedule")
     if sched is not None:
         if not isinstance(sched, dict) or sched.get("name") not in ("constant", "cosine"):
@@ -66,7 +71,7 @@ def build_optimizer(method: nn.Module, params: list[nn.Parameter], stage: dict[s
                           f"parameter of {getattr(method, 'name', 'the method')} is under that name")
     param_groups = [{"params": ps, "lr": lr * mult.get(key, 1.0), "initial_lr": lr * mult.get(key, 1.0),
                      "module": key or "base"} for key, ps in groups.items() if ps]
-    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, eps=float(stage.get("eps", 1e-8)))
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, stage: dict[str, Any], epoch_in_stage: int) -> float:
