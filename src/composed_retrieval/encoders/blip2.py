@@ -131,6 +131,27 @@ def write_vocab(folder: str | Path, words: list[str] | tuple[str, ...] = ()) -> 
     return folder
 
 
+class BertIds:
+    """A BERT tokenizer called like the toolkit's others: ``(texts, context_length=None)`` ->
+    padded ids ``[B, L]``; every other attribute is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer: Any, context_length: int = 32) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length)
+
+    def __call__(self, texts: list[str] | str, context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=int(context_length or self.context_length), return_tensors="pt")
+        return out["input_ids"].long()
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["tokenizer"], name)
+
+
 def load_tokenizer(folder: str | Path) -> Any:
     from transformers import BertTokenizer
 
@@ -627,6 +648,7 @@ class Blip2Encoder(EncoderPair):
         self.tokenizer = load_tokenizer(tokenizer)
 
     def _setup_dims(self) -> None:
+        self.tokenizer = BertIds(self.tokenizer, self.max_text_length)
         q = self.qformer
         h = q.query_tokens.shape[-1]
         proj = q.vision_projection.out_features
@@ -675,9 +697,7 @@ class Blip2Encoder(EncoderPair):
 
     # --- EncoderPair -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_text_length,
-                             return_tensors="pt")
-        return out["input_ids"].long()
+        return self.tokenizer(list(texts))
 
     def image_transform(self, kind: str = "targetpad") -> Callable:
         return Preprocess(kind, self.image_size)
