@@ -2,10 +2,15 @@
 
 4181 queries x 2297 gallery images, d=640, random L2-normalised features, a synthetic CIRSplit
 with CIRR-style img_set subsets. The toolkit path is rank_split (reference removal, deterministic
-ties, subset ranking, names) + metrics_from_rankings (target checks, recall, subset recall);
-the baseline is ``(q @ g.T).topk(50)`` alone. Goal: ratio <= 2.
+ties, subset ranking) + metrics_from_rankings (target checks, recall, subset recall); the
+baseline is ``(q @ g.T).topk(50)`` alone. Both end with their results on the CPU.
 
-    .venv/bin/python benchmarks/score_speed.py [--reps 5] [--device cpu|cuda]
+"warm" is a split scored before (every epoch of a run after the first): the split's names were
+turned into index tensors and checked once (protocols._SplitArrays). "cold" is a fresh split
+object each call (one-off `cir eval`), so it includes that once-per-split preparation.
+Goal: warm ratio <= 1.5 on CPU, <= 2 on GPU.
+
+    python benchmarks/score_speed.py [--reps 5] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -69,13 +74,21 @@ def main() -> None:
     def toolkit():
         return metrics_from_rankings(split, rank_split(split, q, g, k=50))
 
+    def toolkit_cold():
+        fresh = CIRSplit(split.dataset, split.split, list(split.queries), list(split.gallery), {}, protocol="cirr")
+        return metrics_from_rankings(fresh, rank_split(fresh, q, g, k=50))
+
     t_bare, _ = timed(bare, device, args.reps)
     t_kit, metrics = timed(toolkit, device, args.reps)
+    t_cold, _ = timed(toolkit_cold, device, args.reps)
     print(f"device={device} threads={torch.get_num_threads()} queries={args.queries} images={args.images} "
           f"dim={args.dim} reps={args.reps} (median)")
     print(f"bare q@g.T + topk(50): {t_bare * 1000:.1f} ms")
-    print(f"toolkit rank_split + metrics_from_rankings: {t_kit * 1000:.1f} ms")
-    print(f"ratio: {t_kit / t_bare:.2f} (goal <= 2)")
+    print(f"toolkit rank_split + metrics_from_rankings, warm split: {t_kit * 1000:.1f} ms")
+    print(f"toolkit, cold split (first scoring of a split object): {t_cold * 1000:.1f} ms "
+          f"(ratio {t_cold / t_bare:.2f})")
+    goal = 1.5 if device.type == "cpu" else 2.0
+    print(f"ratio: {t_kit / t_bare:.2f} (goal <= {goal:g})")
     print(f"sanity (random features, chance level): recall@50={metrics['recall@50']:.2f} "
           f"recall_subset@1={metrics['recall_subset@1']:.2f}")
 

@@ -224,7 +224,9 @@ def test_embed_images_matches_direct_encoding(tmp_path, tiny, workers):
     names = _write_images(tmp_path, 5)
     path_of = lambda n: tmp_path / f"{n}.png"  # noqa: E731
     tf = tiny.image_transform("targetpad")
-    feats, kept, errors = embed_images(tiny, names, path_of, tf, batch_size=3, num_workers=workers, progress=False)
+    # the Pillow decoder is the exact reference; the fast decoder is compared in test_fast_decode.py
+    feats, kept, errors = embed_images(tiny, names, path_of, tf, batch_size=3, num_workers=workers, progress=False,
+                                       decoder="pillow")
     assert kept == names and errors == []
     from composed_retrieval.data.images import load_image
     with torch.no_grad():

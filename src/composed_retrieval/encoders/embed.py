@@ -1,5 +1,14 @@
 """THE gallery/text embedding functions: the cache, evaluation and the index all call these, so
-batching, workers, precision and error handling are decided in one place."""
+batching, workers, precision and error handling are decided in one place.
+
+Data path for the standard preprocessing (``Preprocess``): workers read each file and decode it
+to a uint8 tensor (simplejpeg / torchvision for plain JPEG and PNG, Pillow for everything else:
+data/fast_images.py), pad/resize/crop it as a tensor (``Preprocess.tensor``), and batches are
+normalised on the target device. On CUDA, batches are pinned and copied on a side stream while
+the previous batch computes, and plain JPEGs are decoded on the GPU (nvJPEG through
+``torchvision.io.decode_jpeg``), so the CPU only reads files. ``decoder="pillow"`` keeps the
+Pillow decode + PIL resize of every image (the reference the fast path is tested against).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import fast_images
 from ..data.images import ImageDataset, collate_images
 from ..data.preprocess import Preprocess
 from ..errors import DataError
@@ -32,7 +42,7 @@ def default_num_workers(device: torch.device) -> int:
     cpus = available_cpus()
     if device.type == "cuda":
         return max(0, min(16, cpus - 1))
-    return 1 if cpus >= 2 else 0
+    return max(1, cpus // 8) if cpus >= 2 else 0
 
 
 def _background_worker(_worker_id: int) -> None:
@@ -52,7 +62,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class _Uint8Pixels:
-    """Worker half of a Preprocess: pad/resize/crop to a uint8 ``[3, H, W]`` tensor.
+    """Worker half of a Preprocess, Pillow decoder: pad/resize/crop to a uint8 ``[3, H, W]``.
 
     Normalising to float happens after batching, on the target device (see ``_Normalise``):
     a worker does less per image, and 4x fewer bytes go through shared and pinned memory.
@@ -66,6 +76,116 @@ class _Uint8Pixels:
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+class _FastPixels:
+    """Worker half of a Preprocess, fast decoder: file -> uint8 ``[3, S, S]`` as tensors; with
+    ``gpu_jpeg`` a plain JPEG is passed on as its file bytes for the GPU to decode."""
+
+    def __init__(self, preprocess: Preprocess, gpu_jpeg: bool = False) -> None:
+        self.preprocess = preprocess
+        self.gpu_jpeg = gpu_jpeg
+
+    def __call__(self, path: Path) -> dict:
+        data = fast_images.read_bytes(path)
+        if self.gpu_jpeg and fast_images.is_jpeg(data):
+            ok, orientation = fast_images.jpeg_plain(data, fast_images.MAX_IMAGE_PIXELS)
+            if ok:
+                return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "orientation": orientation}
+        return {"image": self.preprocess.tensor(fast_images.decode_file(path, data=data))}
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Images by name for a decoder that reads the file itself; errors are captured per item
+    (as ``ImageDataset(skip_bad=True)`` does) so that a worker's failure arrives as one line."""
+
+    def __init__(self, names: Sequence[str], path_of: Callable[[str], Path], decode: _FastPixels) -> None:
+        self.names, self.path_of, self.decode = list(names), path_of, decode
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        name = self.names[i]
+        try:
+            return {"name": name, "index": i, "error": None, **self.decode(self.path_of(name))}
+        except DataError as exc:
+            return {"name": name, "index": i, "error": str(exc)}
+
+
+def _collate_fast(items: list[dict]) -> dict:
+    """Pixels stacked, GPU-bound JPEG bytes listed, both with their places in the batch."""
+    good = [it for it in items if it["error"] is None]
+    pix = [k for k, it in enumerate(good) if "image" in it]
+    jpg = [k for k, it in enumerate(good) if "jpeg" in it]
+    return {"image": torch.stack([good[k]["image"] for k in pix]) if pix else torch.empty(0, dtype=torch.uint8),
+            "pix_pos": pix, "jpeg": [good[k]["jpeg"] for k in jpg], "jpeg_pos": jpg,
+            "orientation": [good[k]["orientation"] for k in jpg],
+            "name": [it["name"] for it in good], "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+            "errors": [(it["name"], it["error"]) for it in items if it["error"] is not None]}
+
+
+def _gpu_jpegs(chunk: dict, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+    """Decode a chunk's JPEG bytes on the GPU and preprocess them there; a decoder failure
+    (nvJPEG refusing a file) decodes that chunk on the CPU instead."""
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+            images = decode_jpeg(chunk["jpeg"], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        import simplejpeg
+        images = [torch.from_numpy(simplejpeg.decode_jpeg(data.numpy().tobytes(), colorspace="RGB"))
+                  .permute(2, 0, 1).to(device) for data in chunk["jpeg"]]
+    return torch.stack([preprocess.tensor(fast_images.orient(im, o)) for im, o in zip(images, chunk["orientation"])])
+
+
+def _assemble(chunk: dict, preprocess: Preprocess | None, device: torch.device) -> torch.Tensor:
+    """The chunk's uint8 batch on the device, in name order."""
+    pixels = chunk["image"]
+    if not chunk.get("jpeg"):
+        return pixels.to(device, non_blocking=True)
+    out = torch.empty((len(chunk["name"]), 3, preprocess.size, preprocess.size), dtype=torch.uint8, device=device)  # type: ignore[union-attr]
+    if chunk["pix_pos"]:
+        out[torch.tensor(chunk["pix_pos"], device=device)] = pixels.to(device, non_blocking=True)
+    out[torch.tensor(chunk["jpeg_pos"], device=device)] = _gpu_jpegs(chunk, preprocess, device)  # type: ignore[arg-type]
+    return out
+
+
+def _on_device(loader: Iterator[dict], preprocess: Preprocess | None, device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(chunk, its uint8 pixels on the device). On CUDA the next chunk is copied (and its JPEGs
+    decoded) on a side stream while the caller computes on the current one."""
+    if device.type != "cuda":
+        for chunk in loader:
+            yield chunk, _assemble(chunk, preprocess, device)
+        return
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+
+    def start(chunk: dict) -> tuple[dict, torch.Tensor, torch.cuda.Event]:
+        side.wait_stream(main)   # memory freed by earlier compute may be reused here
+        with torch.cuda.stream(side):
+            pixels = _assemble(chunk, preprocess, device)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return chunk, pixels, ready
+
+    pending = None
+    for chunk in loader:
+        nxt = start(chunk)
+        if pending is not None:
+            yield _finish_copy(pending, main)
+        pending = nxt
+    if pending is not None:
+        yield _finish_copy(pending, main)
+
+
+def _finish_copy(pending: tuple, main: "torch.cuda.Stream") -> tuple[dict, torch.Tensor]:
+    chunk, pixels, ready = pending
+    main.wait_event(ready)
+    pixels.record_stream(main)
+    return chunk, pixels
+
+
 class _Normalise:
     """Batch half of a Preprocess; the same arithmetic as to_tensor + normalize, batched."""
 
@@ -77,10 +197,14 @@ class _Normalise:
         return batch.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
 
 
-def _split_transform(transform: Callable, device: torch.device) -> tuple[Callable, Callable]:
+def _split_transform(transform: Callable, device: torch.device, decoder: str) -> tuple[Callable, Callable, bool]:
+    """(worker transform, batch finish on the device, whether the worker reads files itself)."""
     if type(transform) is Preprocess:  # exact type: a subclass may change __call__
-        return _Uint8Pixels(transform), _Normalise(transform, device)
-    return transform, lambda batch: batch
+        if decoder == "fast":
+            gpu_jpeg = device.type == "cuda" and torch.cuda.is_available()
+            return _FastPixels(transform, gpu_jpeg), _Normalise(transform, device), True
+        return _Uint8Pixels(transform), _Normalise(transform, device), False
+    return transform, lambda batch: batch, False
 
 
 @contextlib.contextmanager
@@ -97,15 +221,18 @@ def embed_images(encoder: EncoderPair, names: Sequence[str], path_of: Callable[[
                  transform: Callable | None = None, batch_size: int = 64,
                  num_workers: int | None = None, device: torch.device | str | None = None,
                  progress: bool = True, skip_bad: bool = False, *, tokens: bool = True,
-                 out_dtype: torch.dtype = torch.float32
+                 out_dtype: torch.dtype = torch.float32, decoder: str = "fast"
                  ) -> tuple[Features, list[str], list[tuple[str, str]]]:
     """Embed images by name, in order. Returns (features on CPU, names kept, [(name, error)]).
 
     Unreadable images stop the run with a one-line DataError, or with ``skip_bad=True`` are
     left out and listed in the errors (never silently dropped). ``tokens=False`` keeps memory
     small for large galleries (``Features.tokens`` is then ``[N, 0, d_tok]``); ``out_dtype``
-    (e.g. float16) halves what is kept in memory.
+    (e.g. float16) halves what is kept in memory. ``decoder``: "fast" (module docstring) or
+    "pillow".
     """
+    if decoder not in ("fast", "pillow"):
+        raise ValueError(f"decoder must be 'fast' or 'pillow', got {decoder!r}")
     device = torch.device(device) if device is not None else encoder.device
     if device != encoder.device:
         encoder.to(device)
@@ -114,10 +241,11 @@ def embed_images(encoder: EncoderPair, names: Sequence[str], path_of: Callable[[
     errors: list[tuple[str, str]] = []
     # The dataset always captures errors so that a worker's failure reaches this process as
     # its one-line message, not as DataLoader's re-raised multi-line traceback text.
-    worker_transform, finish = _split_transform(transform, device)
-    dataset = ImageDataset(names, path_of, worker_transform, skip_bad=True)
+    worker_transform, finish, reads_files = _split_transform(transform, device, decoder)
+    dataset = _FileDataset(names, path_of, worker_transform) if reads_files else \
+        ImageDataset(names, path_of, worker_transform, skip_bad=True)
     loader = DataLoader(dataset, batch_size=worker_chunk(batch_size, workers), shuffle=False,
-                        num_workers=workers, collate_fn=collate_images,
+                        num_workers=workers, collate_fn=_collate_fast if reads_files else collate_images,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
                         worker_init_fn=_background_worker if device.type == "cpu" and workers > 0 else None)
     out = _Gather(len(dataset), tokens, out_dtype)
@@ -130,13 +258,13 @@ def embed_images(encoder: EncoderPair, names: Sequence[str], path_of: Callable[[
     with _eval_mode(encoder), torch.inference_mode(), _autocast(device), \
             tqdm(total=len(dataset), disable=not progress, desc="embedding images", unit="img",
                  dynamic_ncols=True) as bar:
-        for chunk in loader:
+        for chunk, pixels in _on_device(loader, transform if reads_files else None, device):
             if chunk["errors"]:
                 if not skip_bad:
                     raise DataError(chunk["errors"][0][1])
                 errors.extend(chunk["errors"])
-            if chunk["image"].numel():
-                pending.append(chunk["image"].to(device, non_blocking=True))
+            if chunk["name"]:
+                pending.append(pixels)
                 pending_names.extend(chunk["name"])
             while len(pending_names) >= batch_size:  # full model batches from worker chunks
                 pixels = torch.cat(pending) if len(pending) > 1 else pending[0]

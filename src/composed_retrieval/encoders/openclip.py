@@ -54,7 +54,7 @@ class OpenCLIPEncoder(EncoderPair):
     """An open_clip CLIP model with hooked token outputs and slot-aware text encoding."""
 
     def __init__(self, model_name: str, checkpoint: str | Path | None = None,
-                 quick_gelu: bool | None = None) -> None:
+                 quick_gelu: bool | None = None, grad_checkpointing: bool = False) -> None:
         super().__init__()
         import open_clip
 
@@ -83,11 +83,16 @@ class OpenCLIPEncoder(EncoderPair):
             except Exception as exc:  # open_clip raises RuntimeError/KeyError/StopIteration/...
                 raise CheckpointError(f"cannot load into open_clip {model_name}: {_one_line(exc)}",
                                       checkpoint) from None
+        if grad_checkpointing:
+            # recompute each transformer block in backward instead of keeping its activations
+            # (memory for compute; same values). open_clip checkpoints ViT and text towers; its
+            # ResNet towers ignore the switch (batch-norm statistics would update twice)
+            model.set_grad_checkpointing(True)
         self.model = model
         self.model_name = model_name
         self.config: dict[str, Any] = {
             "name": f"open_clip:{model_name}",
-            "kwargs": {"quick_gelu": quick_gelu},
+            "kwargs": {"quick_gelu": quick_gelu, **({"grad_checkpointing": True} if grad_checkpointing else {})},
             "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         }
         self._setup_dims(open_clip)

@@ -9,6 +9,7 @@ whether ties straddle the k-th place and, for those rows only, falls back to a s
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -29,11 +30,13 @@ def _check_features(queries: Tensor, gallery: Tensor) -> None:
         raise ConfigError(
             f"query features have dim {queries.shape[1]} but gallery features have dim {gallery.shape[1]}"
         )
-    # a sum is NaN/inf when any element is (one cheap reduction instead of a mask)
-    if not bool(torch.isfinite(queries.sum(dtype=torch.float64))):
-        raise DataError("query features contain NaN or infinite values")
-    if not bool(torch.isfinite(gallery.sum(dtype=torch.float64))):
-        raise DataError("gallery features contain NaN or infinite values")
+    # a sum is NaN/inf when any element is: one cheap reduction per tensor and one device sync;
+    # only when a sum is not finite (NaN/inf, or an overflow of huge finite values) is each
+    # element looked at, so huge values alone are never refused
+    sums = torch.stack([queries.sum().float(), gallery.sum().float()]).tolist() if queries.numel() and gallery.numel() else [0.0, 0.0]
+    for what, x, total in (("query", queries, sums[0]), ("gallery", gallery, sums[1])):
+        if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
+            raise DataError(f"{what} features contain NaN or infinite values")
 
 
 def iter_score_blocks(queries: Tensor, gallery: Tensor, chunk_size: int = 1024) -> Iterator[tuple[int, Tensor]]:
@@ -52,13 +55,17 @@ def iter_score_blocks(queries: Tensor, gallery: Tensor, chunk_size: int = 1024) 
 
 
 def mask_excluded(scores: Tensor, exclude: Tensor | None, start: int) -> None:
-    """Set ``scores[i, exclude[start + i]] = -inf`` in place where the index is >= 0."""
+    """Set ``scores[i, exclude[start + i]] = -inf`` in place where the index is >= 0.
+
+    Without a device sync: every row writes one column, rows without an exclusion write their
+    own column-0 score back unchanged.
+    """
     if exclude is None:
         return
-    ex = exclude[start:start + scores.shape[0]].to(device=scores.device, dtype=torch.long)
-    rows = torch.nonzero(ex >= 0).flatten()
-    if rows.numel():
-        scores[rows, ex[rows]] = float("-inf")
+    ex = exclude[start:start + scores.shape[0]].to(device=scores.device, dtype=torch.long).view(-1, 1)
+    col = ex.clamp(min=0)
+    keep = torch.gather(scores, 1, col)
+    scores.scatter_(1, col, torch.where(ex >= 0, torch.full_like(keep, float("-inf")), keep))
 
 
 def topk_block(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -71,9 +78,14 @@ def topk_block(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     vals, idx = torch.topk(scores, min(k + 1, n), dim=1, largest=True, sorted=True)
     straddle = vals[:, k] == vals[:, k - 1] if k < n else None
     vals, idx = vals[:, :k], idx[:, :k]
-    if k > 1:
+    inner = (vals[:, 1:] == vals[:, :-1]).any(dim=1) if k > 1 else None
+    # one device sync for both tie checks (they are rare with real features)
+    flags = [m.any() for m in (inner, straddle) if m is not None]
+    if not flags or not any(torch.stack(flags).tolist()):
+        return vals, idx
+    if inner is not None:
         # ties inside the top-k: reorder those rows by index, then stable by score descending
-        tied = torch.nonzero((vals[:, 1:] == vals[:, :-1]).any(dim=1)).flatten()
+        tied = torch.nonzero(inner).flatten()
         if tied.numel():
             t_idx, _ = torch.sort(idx[tied], dim=1)
             t_vals = torch.gather(scores[tied], 1, t_idx)
@@ -137,7 +149,8 @@ def recall_at_k(ranked: Tensor, target: Tensor, ks: Iterable[int]) -> dict[int, 
     # first position of the target (beyond every K when absent), so one pass serves every K
     absent = ranked.shape[1] + max(ks)
     pos = torch.where(hits.any(dim=1), hits.int().argmax(dim=1), torch.full((q,), absent, device=ranked.device))
-    return {k: 100.0 * int((pos < k).sum()) / q for k in ks}
+    counts = torch.stack([(pos < k).sum() for k in ks]).tolist()   # one device sync for every K
+    return {k: 100.0 * c / q for k, c in zip(ks, counts)}
 
 
 def average_precision_at_k(ranked: Tensor | Sequence[Sequence[int]], gt_sets: Sequence[set[int]],
@@ -145,7 +158,7 @@ def average_precision_at_k(ranked: Tensor | Sequence[Sequence[int]], gt_sets: Se
     """CIRCO mAP@K in percent: AP@K = sum_{i<=K} P@i * rel_i / min(|G|, K), averaged over queries.
 
     A ranked entry repeated is counted once per occurrence (as the official script does);
-    callers validate rankings to be duplicate-free.
+    callers validate rankings to be duplicate-free. Rows may differ in length.
     """
     ks = _check_ks(ks)
     rows = ranked.tolist() if isinstance(ranked, Tensor) else [list(r) for r in ranked]
@@ -153,19 +166,37 @@ def average_precision_at_k(ranked: Tensor | Sequence[Sequence[int]], gt_sets: Se
         raise ConfigError(f"{len(rows)} rankings but {len(gt_sets)} ground-truth sets")
     if not rows:
         raise DataError("no queries to score")
-    sums = {k: 0.0 for k in ks}
-    for qi, (row, gts) in enumerate(zip(rows, gt_sets)):
+    for qi, gts in enumerate(gt_sets):
         if not gts:
             raise DataError(f"query #{qi} has no ground-truth images")
-        found = 0
-        prec_sum = 0.0
-        prefix: list[float] = []   # prefix[i] = sum of P@j * rel_j for j <= i
-        for i, item in enumerate(row):
-            if item in gts:
-                found += 1
-                prec_sum += found / (i + 1)
-            prefix.append(prec_sum)
-        for k in ks:
-            total = prefix[min(k, len(prefix)) - 1] if prefix else 0.0
-            sums[k] += total / min(len(gts), k)
-    return {k: 100.0 * sums[k] / len(rows) for k in ks}
+    width = max(1, max(len(r) for r in rows))
+    gwidth = max(len(g) for g in gt_sets)
+    r = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    r_valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    g = torch.tensor([sorted(s) + [0] * (gwidth - len(s)) for s in gt_sets], dtype=torch.long)
+    g_valid = torch.tensor([[True] * len(s) + [False] * (gwidth - len(s)) for s in gt_sets])
+    return average_precision_from_matrix(r, r_valid, g, g_valid, ks)
+
+
+def average_precision_from_matrix(ranked: Tensor, ranked_valid: Tensor | None, gts: Tensor, gts_valid: Tensor,
+                                  ks: Iterable[int]) -> dict[int, float]:
+    """mAP@K (percent) of ``ranked [Q, K]`` against padded ground truths ``gts [Q, G]``; the
+    ``*_valid`` masks mark real entries (``None``: all ranked entries are real). Vectorised:
+    no per-query Python, one device sync."""
+    ks = _check_ks(ks)
+    q = ranked.shape[0]
+    if q == 0:
+        raise DataError("no queries to score")
+    rel = ((ranked.unsqueeze(2) == gts.unsqueeze(1)) & gts_valid.unsqueeze(1)).any(dim=2)
+    if ranked_valid is not None:
+        rel &= ranked_valid
+    rel = rel.double()
+    found = rel.cumsum(dim=1)
+    ranks = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=torch.float64)
+    prefix = (found / ranks * rel).cumsum(dim=1)      # prefix[:, i] = sum_{j<=i} P@j * rel_j
+    n_gt = gts_valid.sum(dim=1).double()
+    if bool((n_gt == 0).any()):
+        raise DataError(f"query #{int(torch.nonzero(n_gt == 0)[0])} has no ground-truth images")
+    per_k = torch.stack([prefix[:, min(k, prefix.shape[1]) - 1] / n_gt.clamp(max=k) for k in ks])
+    means = (per_k.sum(dim=1) / q).tolist()
+    return {k: 100.0 * m for k, m in zip(ks, means)}

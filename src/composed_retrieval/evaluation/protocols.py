@@ -16,7 +16,6 @@ Protocol facts, as the official/public evaluation code defines them:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -25,7 +24,8 @@ from torch import Tensor
 
 from ..data.base import CIRSplit
 from ..errors import ConfigError, DataError
-from .metrics import average_precision_at_k, iter_score_blocks, mask_excluded, recall_at_k, topk_block
+from .metrics import (MAX_BLOCK_ELEMENTS, average_precision_at_k, average_precision_from_matrix, iter_score_blocks,
+                      mask_excluded, recall_at_k, topk_block)
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -38,13 +38,61 @@ FASHIONIQ_CATEGORY_ORDER = ("dress", "shirt", "toptee")
 REMOVES_REFERENCE = {"cirr": True, "generic": True, "user": True, "fashioniq": False, "circo": False}
 
 
-@dataclass
 class Rankings:
-    """Top-k gallery names per query (the content of a prediction/submission file)."""
+    """Top-k gallery names per query (the content of a prediction/submission file).
 
-    query_ids: list[str]
-    names: list[list[str]]                    # top-k gallery names per query, best first
-    subset_names: list[list[str]] | None = None   # CIRR: top-3 img_set members per query
+    Made from names (a prediction file), or by :func:`rank_split` from gallery indices: then the
+    names are only built when read (CIRR val is 200k strings), and :func:`metrics_from_rankings`
+    scores the indices directly instead of turning names back into indices.
+    """
+
+    def __init__(self, query_ids: list[str], names: list[list[str]] | None = None,
+                 subset_names: list[list[str]] | None = None, *, indices: Tensor | None = None,
+                 subset_indices: Tensor | None = None, gallery: list[str] | None = None,
+                 origin: Any = None) -> None:
+        if names is None and (indices is None or gallery is None):
+            raise ConfigError("Rankings need names, or gallery indices together with the gallery")
+        self.query_ids = query_ids
+        self._names = names
+        self._subset_names = subset_names
+        self.indices = indices                  # [Q, k] gallery indices, best first
+        self.subset_indices = subset_indices    # CIRR: [Q, m] member indices by score, -1 padded
+        self.gallery = gallery
+        self._origin = origin                   # the _SplitArrays of the split that was ranked
+
+    @property
+    def names(self) -> list[list[str]]:
+        """Top-k gallery names per query, best first."""
+        if self._names is None:
+            g = self.gallery
+            rows = self.indices.cpu().tolist()  # type: ignore[union-attr]
+            self._names = [list(itemgetter(*row)(g)) if len(row) > 1 else [g[j] for j in row] for row in rows]
+        return self._names
+
+    @names.setter
+    def names(self, value: list[list[str]]) -> None:
+        self._names, self.indices, self._origin = value, None, None
+
+    @property
+    def subset_names(self) -> list[list[str]] | None:
+        """CIRR: the top-3 img_set members per query."""
+        if self._subset_names is None and self.subset_indices is not None:
+            g = self.gallery
+            rows = self.subset_indices[:, :SUBSET_TOP].cpu().tolist()
+            self._subset_names = [[g[j] for j in row if j >= 0] for row in rows]  # type: ignore[index]
+        return self._subset_names
+
+    @subset_names.setter
+    def subset_names(self, value: list[list[str]] | None) -> None:
+        self._subset_names, self.subset_indices, self._origin = value, None, None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rankings):
+            return NotImplemented
+        return (self.query_ids, self.names, self.subset_names) == (other.query_ids, other.names, other.subset_names)
+
+    def __repr__(self) -> str:
+        return f"Rankings({len(self.query_ids)} queries)"
 
 
 def protocol_of(split: CIRSplit) -> str:
@@ -59,19 +107,19 @@ def _ids_preview(ids: list[str], n: int = 5) -> str:
 
 
 def _gallery_positions(split: CIRSplit) -> dict[str, int]:
-    index: dict[str, int] = {}
+    index = dict(zip(split.gallery, range(len(split.gallery))))
+    if len(index) == len(split.gallery):
+        return index
+    seen: set[str] = set()
     dupes: list[str] = []
-    for i, name in enumerate(split.gallery):
-        if name in index:
+    for name in split.gallery:
+        if name in seen:
             dupes.append(name)
-        else:
-            index[name] = i
-    if dupes:
-        raise DataError(
-            f"the {split.dataset} {split.split} gallery lists {len(dupes)} image(s) more than once "
-            f"(first: {_ids_preview(dupes)})"
-        )
-    return index
+        seen.add(name)
+    raise DataError(
+        f"the {split.dataset} {split.split} gallery lists {len(dupes)} image(s) more than once "
+        f"(first: {_ids_preview(dupes)})"
+    )
 
 
 def _subset_members(q: Mapping[str, Any]) -> list[str]:
@@ -79,12 +127,85 @@ def _subset_members(q: Mapping[str, Any]) -> list[str]:
     return [m for m in dict.fromkeys(q.get("subset") or []) if m != q["reference"]]
 
 
+class _SplitArrays:
+    """A split's names as integer tensors (reference, target and img_set positions in the
+    gallery), built and checked once per split object and kept on each device used.
+
+    Scoring every epoch of a run then does no per-query Python at all. Splits are treated as
+    unchanging once loaded (loaders build new ones); the key below still notices a new query or
+    gallery list, or a changed length, on the same split object.
+    """
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.pos: dict[str, int] | None = None
+        self.query_ids: list[str] | None = None
+        self.unique_ids = False
+        self.reference: Tensor | None = None      # [Q] gallery index or -1
+        self.any_reference = False
+        self.subset: Tensor | None = None         # [Q, m] member indices, sorted, -1 padded
+        self.targets_checked = False
+        self.target: Tensor | None = None         # [Q] gallery index of the target
+        self.circo: tuple[Tensor, Tensor] | None = None   # gallery ids [N], gt ids [Q, G] (-1 pad)
+        self._devices: dict[tuple[str, str], Tensor] = {}
+
+    def on(self, name: str, device: torch.device) -> Tensor:
+        key = (name, str(device))
+        if key not in self._devices:
+            value = getattr(self, name)
+            self._devices[key] = tuple(v.to(device) for v in value) if isinstance(value, tuple) else value.to(device)
+        return self._devices[key]
+
+
+def _arrays(split: CIRSplit) -> _SplitArrays:
+    key = (id(split.queries), len(split.queries), id(split.gallery), len(split.gallery),
+           split.dataset, split.split, split.protocol)
+    arrays = split.__dict__.get("_scoring_arrays")
+    if arrays is None or arrays.key != key:
+        arrays = _SplitArrays(key)
+        split.__dict__["_scoring_arrays"] = arrays
+    if arrays.query_ids is None:
+        arrays.query_ids = [str(q["query_id"]) for q in split.queries]
+        arrays.unique_ids = len(set(arrays.query_ids)) == len(arrays.query_ids)
+    return arrays
+
+
+def _positions(split: CIRSplit, arrays: _SplitArrays) -> dict[str, int]:
+    if arrays.pos is None:
+        arrays.pos = _gallery_positions(split)
+    return arrays.pos
+
+
+def _reference_index(split: CIRSplit, arrays: _SplitArrays) -> None:
+    if arrays.reference is None:
+        get = _positions(split, arrays).get
+        ref = torch.tensor([get(q["reference"], -1) for q in split.queries], dtype=torch.long)
+        arrays.any_reference = bool((ref >= 0).any())
+        arrays.reference = ref
+
+
+def _subset_index(split: CIRSplit, arrays: _SplitArrays) -> None:
+    if arrays.subset is None:
+        pos = _positions(split, arrays)
+        rows = []
+        for q in split.queries:
+            members = _subset_members(q)
+            missing = [m for m in members if m not in pos]
+            if missing:
+                raise DataError(f"query {q['query_id']}: img_set member(s) {_ids_preview(missing)} not in the gallery")
+            rows.append(sorted(map(pos.__getitem__, members)))   # by gallery index: the tie order
+        m = max(1, max((len(r) for r in rows), default=0))
+        arrays.subset = torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.long).view(len(rows), m)
+
+
 def rank_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor, k: int = 50,
-               chunk_size: int = 1024) -> Rankings:
-    """Rank ``split.gallery`` for every query under the split's protocol; keep the top k names.
+               chunk_size: int | None = None) -> Rankings:
+    """Rank ``split.gallery`` for every query under the split's protocol; keep the top k.
 
     ``gallery_feats`` rows are aligned with ``split.gallery``. Features are used as given
-    (callers L2-normalise); ties rank the lower gallery index first.
+    (callers L2-normalise); ties rank the lower gallery index first. The result holds gallery
+    indices on the features' device (names are made when read). ``chunk_size`` (query rows per
+    score block) defaults to 1024 on CPU and to as many as MAX_BLOCK_ELEMENTS allows on a GPU.
     """
     proto = protocol_of(split)
     nq, ng = len(split.queries), len(split.gallery)
@@ -94,52 +215,47 @@ def rank_split(split: CIRSplit, query_feats: Tensor, gallery_feats: Tensor, k: i
         raise ConfigError(f"{gallery_feats.shape[0]} gallery feature rows for {ng} gallery images of {split.dataset} {split.split}")
     if ng == 0:
         raise DataError(f"the {split.dataset} {split.split} gallery is empty")
-    pos = _gallery_positions(split)
+    arrays = _arrays(split)
+    _positions(split, arrays)
     device = query_feats.device
+    if chunk_size is None:
+        chunk_size = 1024 if device.type == "cpu" else MAX_BLOCK_ELEMENTS
 
     exclude = None
     if REMOVES_REFERENCE.get(proto, True):
-        exclude = torch.tensor([pos.get(q["reference"], -1) for q in split.queries], dtype=torch.long)
-    width = min(k, ng - (1 if exclude is not None and bool((exclude >= 0).any()) else 0))
+        _reference_index(split, arrays)
+        exclude = arrays.on("reference", device)
+    width = min(k, ng - (1 if exclude is not None and arrays.any_reference else 0))
     if width < 1:
         raise DataError(f"the {split.dataset} {split.split} gallery has nothing to rank once the reference is removed")
 
     subset_idx = None
     if proto == "cirr":
-        rows = []
-        for q in split.queries:
-            members = _subset_members(q)
-            missing = [m for m in members if m not in pos]
-            if missing:
-                raise DataError(f"query {q['query_id']}: img_set member(s) {_ids_preview(missing)} not in the gallery")
-            rows.append(sorted(map(pos.__getitem__, members)))   # by gallery index: the tie order
-        m = max(1, max((len(r) for r in rows), default=0))
-        subset_idx = torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.long)
-        subset_idx = subset_idx.view(nq, m).to(device)
+        _subset_index(split, arrays)
+        subset_idx = arrays.on("subset", device)
 
     top_i: list[Tensor] = []
     sub_order: list[Tensor] = []
     for start, scores in iter_score_blocks(query_feats, gallery_feats, chunk_size):
         if exclude is not None:
             mask_excluded(scores, exclude, start)
-        top_i.append(topk_block(scores, width)[1].cpu())
+        top_i.append(topk_block(scores, width)[1])
         if subset_idx is not None:
             sidx = subset_idx[start:start + scores.shape[0]]
             # subset scores come from the same score block, so the order matches the full ranking
-            s = torch.gather(scores, 1, sidx.clamp(min=0))
-            s[sidx < 0] = float("-inf")
+            s = torch.gather(scores, 1, sidx.clamp(min=0)).masked_fill_(sidx < 0, float("-inf"))
             # members are in gallery-index order, so a stable sort keeps the full ranking's tie rule
             perm = torch.sort(s, dim=1, descending=True, stable=True)[1]
-            sub_order.append(torch.gather(sidx, 1, perm).cpu())
+            sub_order.append(torch.gather(sidx, 1, perm))
 
-    gallery = split.gallery
-    idx = torch.cat(top_i).tolist() if top_i else []
-    names = [list(itemgetter(*row)(gallery)) if len(row) > 1 else [gallery[row[0]]] for row in idx]
-    subset_names = None
-    if subset_idx is not None:
-        sub = torch.cat(sub_order).tolist() if sub_order else []
-        subset_names = [[gallery[j] for j in row if j >= 0][:SUBSET_TOP] for row in sub]
-    return Rankings([str(q["query_id"]) for q in split.queries], names, subset_names)
+    def joined(parts: list[Tensor], cols: int) -> Tensor:
+        if not parts:
+            return torch.empty((0, cols), dtype=torch.long, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    subset = joined(sub_order, subset_idx.shape[1]) if subset_idx is not None else None
+    return Rankings(list(arrays.query_ids or []), indices=joined(top_i, width), subset_indices=subset,
+                    gallery=split.gallery, origin=arrays)
 
 
 def _align(split: CIRSplit, rankings: Rankings) -> list[int]:
@@ -210,10 +326,29 @@ def _check_targets(split: CIRSplit, proto: str) -> dict[str, int] | None:
     return _gallery_positions(split)
 
 
+def _checked_targets(split: CIRSplit, proto: str, arrays: _SplitArrays) -> None:
+    """_check_targets once per split; also keeps the target positions for scoring indices."""
+    if arrays.targets_checked:
+        return
+    pos = _check_targets(split, proto)
+    if pos is not None:
+        arrays.pos = pos
+        arrays.target = torch.tensor([pos[q["target"]] for q in split.queries], dtype=torch.long)
+        if proto == "circo":
+            gts = [list(dict.fromkeys(circo_int(t) for t in _targets_of(q))) for q in split.queries]
+            width = max(len(g) for g in gts)
+            arrays.circo = (torch.tensor([circo_int(n) for n in split.gallery], dtype=torch.long),
+                            torch.tensor([g + [-1] * (width - len(g)) for g in gts], dtype=torch.long))
+        arrays.targets_checked = True
+
+
 def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, float]:
     """Metrics in percent for one split; key names depend on the protocol (module docstring)."""
     proto = protocol_of(split)
-    _check_targets(split, proto)
+    arrays = _arrays(split)
+    _checked_targets(split, proto, arrays)
+    if rankings._origin is arrays and rankings.indices is not None and arrays.targets_checked and arrays.unique_ids:
+        return _metrics_from_indices(proto, arrays, rankings)
     order = _align(split, rankings)
     ranked_names = [rankings.names[i] for i in order]
 
@@ -228,17 +363,37 @@ def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, floa
     codes: dict[str, int] = dict(zip(split.gallery, range(len(split.gallery))))
     target = torch.tensor([codes.setdefault(q["target"], len(codes)) for q in split.queries], dtype=torch.long)
     ranked = _code_matrix(ranked_names, codes)
+    subset = None
+    if proto == "cirr":
+        if rankings.subset_names is None:
+            raise ConfigError("CIRR metrics need subset rankings (Rankings.subset_names)")
+        subset = _code_matrix([rankings.subset_names[i][:SUBSET_TOP] for i in order], codes)
+    return _recall_metrics(proto, ranked, target, subset)
 
+
+def _metrics_from_indices(proto: str, arrays: _SplitArrays, rankings: Rankings) -> dict[str, float]:
+    """The rankings of rank_split on this very split: score its gallery indices as they are
+    (same values as through names: gallery names are unique, so a name's code is its index)."""
+    ranked = rankings.indices
+    device = ranked.device  # type: ignore[union-attr]
+    if proto == "circo":
+        gallery_ids, gts = arrays.on("circo", device)
+        ap = average_precision_from_matrix(gallery_ids[ranked], None, gts, gts >= 0, CIRCO_KS)
+        return {f"map@{k}": ap[k] for k in CIRCO_KS}
+    subset = None
+    if proto == "cirr":
+        subset = rankings.subset_indices[:, :SUBSET_TOP]  # type: ignore[index]
+    return _recall_metrics(proto, ranked, arrays.on("target", device), subset)  # type: ignore[arg-type]
+
+
+def _recall_metrics(proto: str, ranked: Tensor, target: Tensor, subset: Tensor | None) -> dict[str, float]:
     if proto == "fashioniq":
         r = recall_at_k(ranked, target, FASHIONIQ_KS)
         return {f"recall@{k}": r[k] for k in FASHIONIQ_KS}
     r = recall_at_k(ranked, target, RECALL_KS)
     out = {f"recall@{k}": r[k] for k in RECALL_KS}
     if proto == "cirr":
-        if rankings.subset_names is None:
-            raise ConfigError("CIRR metrics need subset rankings (Rankings.subset_names)")
-        sub = _code_matrix([rankings.subset_names[i][:SUBSET_TOP] for i in order], codes)
-        rs = recall_at_k(sub, target, SUBSET_KS)
+        rs = recall_at_k(subset, target, SUBSET_KS)  # type: ignore[arg-type]
         out.update({f"recall_subset@{k}": rs[k] for k in SUBSET_KS})
         out["avg"] = (out["recall@5"] + out["recall_subset@1"]) / 2
     return out

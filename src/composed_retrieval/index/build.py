@@ -4,9 +4,17 @@ Images are embedded in chunks; each finished chunk goes to ``partial/`` atomical
 interrupted run (crash, Ctrl-C, power loss) continues where it stopped. Images are matched by
 relative path *and* content hash: ``--add`` re-embeds only new or changed files, and a resumed
 build never reuses a vector of a file that changed in between.
+
+No step holds every vector in RAM: embedded vectors live in the chunk files, the final vectors
+file is assembled from them (and the old index, memory-mapped) one chunk at a time, and the
+engine is trained on a sample and filled in chunks from that file. A trained engine is kept in
+``partial/`` until the build completes, so a build killed while adding resumes without training
+again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +25,14 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..fileio import atomic_write_text
 from ..methods.base import CIRMethod
 from ..train import distributed
 from . import faiss_index
-from .search import model_fingerprint
+from .hits import model_fingerprint
 from .store import PartialBuild, index_exists, read_index, sha256_file, stored_path, write_index
+
+Where = tuple  # ("old", row) in the previous index, or (chunk file, row) in partial/
 
 DEFAULT_CHUNK = 512
 RECALL_SAMPLE = 1000
@@ -101,8 +112,8 @@ def _finished_build(out: Path, start: float) -> BuildReport | None:
     partial = PartialBuild(out)
     if not partial.folder.is_dir():
         return None
-    old = read_index(out)
-    done_vectors, done_errors = partial.load()
+    old = read_index(out, mmap=True)
+    done_vectors, done_errors = partial.locate()
     indexed = {it["name"]: it["sha256"] for it in old.items}
     skipped = {s["name"]: s["error"] for s in old.meta.get("skipped") or []}
     if any(indexed.get(n) != h for n, (h, _) in done_vectors.items()) or any(n not in skipped for n in done_errors):
@@ -113,8 +124,8 @@ def _finished_build(out: Path, start: float) -> BuildReport | None:
                        recall_at_10=old.meta.get("recall_at_10"), seconds=time.perf_counter() - start)
 
 
-def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple[str, np.ndarray]]
-                  ) -> tuple[dict[str, str], list[tuple[str, str]], list[str], dict[str, np.ndarray], set[str]]:
+def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple[str, Where]]
+                  ) -> tuple[dict[str, str], list[tuple[str, str]], list[str], dict[str, Where], set[str]]:
     """Rank 0: every shard's hashes, skips and changes, and the vectors the shards embedded
     (read back from their chunks) -- the inputs a single-process build would hold here."""
     hashes: dict[str, str] = {}
@@ -129,7 +140,7 @@ def _merge_shards(partial: PartialBuild, world_size: int, known: dict[str, tuple
         changed += rec["changed"]
         embedded += rec["embedded"]
         reused.update(rec["reused"])
-    done_vectors, _ = partial.load()
+    done_vectors, _ = partial.locate()
     known.update(done_vectors)
     for name in embedded + sorted(reused):
         if name not in known or known[name][0] != hashes[name]:
@@ -142,7 +153,8 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                 kind: str | None = None, add: bool = False, batch_size: int = 64,
                 chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", num_workers: int | None = None,
                 params: dict[str, Any] | None = None, recall_target: float = 0.95, progress: bool = True,
-                method: CIRMethod | None = None, log: Callable[[str], None] = print) -> BuildReport:
+                method: CIRMethod | None = None, log: Callable[[str], None] = print,
+                max_memory: int | None = None) -> BuildReport:
     """Build ``out`` from every image under ``gallery`` with the model at ``model``.
 
     With ``add=True`` the existing index at ``out`` is updated: unchanged images keep their
@@ -150,7 +162,8 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     ``gallery``/``model`` default to the ones stored in it. ``method`` skips loading the model
     (tests, or callers that already hold it); ``model`` is still the reference stored.
     An IVF engine without a given nprobe gets the smallest one reaching ``recall_target``
-    recall@10 against exact search on a sample of gallery vectors.
+    recall@10 against exact search on a sample of gallery vectors. ``max_memory`` (bytes
+    resident when searching) picks the engine and PQ code size (:func:`faiss_index.plan`).
 
     Under torchrun (a joined process group) every rank hashes and embeds its contiguous shard
     of the sorted image list into ``partial/`` (resumable like a single build); rank 0 then
@@ -171,7 +184,7 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                 return finished
             raise ConfigError(f"{out} already holds an index; pass --add to add new or changed "
                               f"images to it, or choose another --out")
-        old = read_index(out)
+        old = read_index(out, mmap=True)
         gallery = gallery if gallery is not None else old.gallery_path()
         model = model if model is not None else old.model_path()
         for what, given, stored in (("gallery", gallery, old.gallery_path()), ("model", model, old.model_path())):
@@ -179,6 +192,11 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                 raise ConfigError(f"--{what} {given} differs from the {what} {stored} this index was "
                                   f"built with; build a new index with --out elsewhere", out)
         kind = kind or old.meta.get("kind_requested", "auto")
+        # keep the budget and the PQ code size the index was built with
+        max_memory = max_memory if max_memory is not None else old.meta.get("max_memory")
+        if old.kind in faiss_index.PQ_KINDS and "m" in (old.meta.get("params") or {}) and "m" not in (params or {}) \
+                and kind in (old.kind, old.meta.get("kind_requested")) and old.meta.get("max_memory") is None:
+            params = {**(params or {}), "m": old.meta["params"]["m"]}
     elif add:
         raise ConfigError("no index to add to (run `cir index` without --add first)", out)
     if gallery is None or model is None:
@@ -203,10 +221,10 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     hashes, skipped = _hash_all(_shard(files, ranks), progress)
 
     # what is already known: the old index, then chunks of an interrupted run (newer wins)
-    known: dict[str, tuple[str, np.ndarray]] = {}
+    known: dict[str, tuple[str, Where]] = {}
     if old is not None:
-        known.update({it["name"]: (it.get("sha256", ""), old.vectors[i]) for i, it in enumerate(old.items)})
-    done_vectors, done_errors = partial.load()
+        known.update({it["name"]: (it.get("sha256", ""), ("old", i)) for i, it in enumerate(old.items)})
+    done_vectors, done_errors = partial.locate()
     known.update(done_vectors)
     reused_ok = {n for n, h in hashes.items() if n in known and known[n][0] == h}
     failed_before = {n: e for n, (h, e) in done_errors.items() if hashes.get(n) == h and n not in reused_ok}
@@ -214,16 +232,16 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     todo = [n for n in hashes if n not in reused_ok and n not in failed_before]
     skipped += sorted(failed_before.items())
 
-    fresh: dict[str, np.ndarray] = {}
+    fresh: dict[str, Where] = {}            # embedded by this run: where its chunk holds it
     with tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress) as bar:
         for lo in range(0, len(todo), chunk_size):
             chunk = todo[lo:lo + chunk_size]
             vectors, kept, errors = _embed_chunk(method, chunk, files.__getitem__, transform,
                                                  batch_size, num_workers, device)
             _refuse_non_finite(vectors, kept, model)
-            partial.write_chunk(vectors, kept, [hashes[n] for n in kept],
-                                [(n, hashes[n], e) for n, e in errors])
-            fresh.update(zip(kept, vectors))
+            path = partial.write_chunk(vectors, kept, [hashes[n] for n in kept],
+                                       [(n, hashes[n], e) for n, e in errors])
+            fresh.update((n, (path, row)) for row, n in enumerate(kept))
             skipped += errors
             bar.update(len(chunk))
 
@@ -241,23 +259,29 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
     names = [n for n in files if n in fresh or n in reused_ok]
     if not names:
         raise DataError(f"none of the {len(files)} images could be read (first: {skipped[0][1]})", gallery)
-    vectors = np.stack([fresh[n] if n in fresh else known[n][1] for n in names]).astype(np.float32)
+    where = {n: fresh[n] if n in fresh else known[n][1] for n in names}
     items = [{"name": n, "sha256": hashes[n]} for n in names]
     removed = sorted(set(old.names) - set(files)) if old is not None else []
     skipped = sorted(skipped)
 
-    chosen = faiss_index.choose_kind(len(names), kind)
-    engine_params = {**faiss_index.default_params(chosen, len(names)), **(params or {})}
+    dim = _dimension(where, old)
+    chosen, engine_params = faiss_index.plan(len(names), dim, kind, max_memory, params)
+    dtype = np.float16 if chosen in faiss_index.PQ_KINDS else np.float32
+    vectors = _assemble(partial, names, where, old, dim, dtype)
     recall = None
     writer = None
     if chosen != "flat":
         log(f"building {chosen} index over {len(names)} vectors")
-        engine = faiss_index.build_engine(vectors, chosen, engine_params)
-        if chosen == "ivf" and "nprobe" not in (params or {}):
+        engine = _trained_engine(partial, vectors, items, chosen, engine_params, log)
+        faiss_index.add_vectors(engine, vectors)
+        faiss_index.set_search_params(engine, engine_params)
+        rerank = int(engine_params.get("rerank", 0)) if chosen in faiss_index.PQ_KINDS else 0
+        search_fn = (lambda q, k: faiss_index.search_reranked(engine, vectors, q, k, rerank)) if rerank else None
+        if chosen in faiss_index.IVF_KINDS and "nprobe" not in (params or {}):
             engine_params["nprobe"], recall = faiss_index.tune_nprobe(
-                engine, vectors, target=recall_target, sample=RECALL_SAMPLE)
+                engine, vectors, target=recall_target, sample=RECALL_SAMPLE, search_fn=search_fn)
         else:
-            recall = faiss_index.recall_at_k(engine, vectors, k=10, sample=RECALL_SAMPLE)
+            recall = faiss_index.recall_at_k(search_fn or engine, vectors, k=10, sample=RECALL_SAMPLE)
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
             f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
         writer = lambda p: faiss_index.save_engine(engine, p)  # noqa: E731
@@ -266,6 +290,7 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
         "model_weights_sha256": model_fingerprint(model),
         "preprocess": "targetpad", "method": method.name,
         "kind": chosen, "kind_requested": kind, "params": engine_params,
+        "vectors_dtype": np.dtype(dtype).name, "max_memory": max_memory,
         "recall_at_10": recall, "recall_sample": min(RECALL_SAMPLE, len(names)) if recall is not None else None,
         "skipped": [{"name": n, "error": e} for n, e in skipped],
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -276,3 +301,57 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: str |
                        reused=len(names) - len(fresh), kind=chosen, skipped=skipped, removed=removed,
                        changed=changed, recall_at_10=recall, seconds=time.perf_counter() - start)
 
+
+
+def _dimension(where: dict[str, Where], old: Any) -> int:
+    if old is not None and old.vectors.ndim == 2 and old.vectors.shape[1]:
+        return int(old.vectors.shape[1])
+    path = next(src for src, _ in where.values() if src != "old")
+    return int(PartialBuild.chunk_vectors(path).shape[1])
+
+
+def _assemble(partial: PartialBuild, names: list[str], where: dict[str, Where], old: Any, dim: int,
+              dtype: Any) -> np.ndarray:
+    """The index's vectors in ``names`` order, written to a memory-mapped file in ``partial/``
+    from the old index and the chunk files one source chunk at a time (never all in RAM)."""
+    partial.folder.mkdir(parents=True, exist_ok=True)
+    path = partial.folder / "assembled.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(names), dim))
+    by_source: dict[Any, tuple[list[int], list[int]]] = {}
+    for pos, name in enumerate(names):
+        src, row = where[name]
+        rows = by_source.setdefault(src, ([], []))
+        rows[0].append(pos)
+        rows[1].append(row)
+    for src, (positions, rows) in by_source.items():
+        pos_a, row_a = np.asarray(positions), np.asarray(rows)
+        if src == "old":
+            for lo in range(0, len(pos_a), faiss_index.ADD_CHUNK):
+                sel = slice(lo, lo + faiss_index.ADD_CHUNK)
+                order = np.argsort(row_a[sel])
+                out[pos_a[sel][order]] = old.vectors[row_a[sel][order]]
+        else:
+            out[pos_a] = PartialBuild.chunk_vectors(src)[row_a]
+    out.flush()
+    return out
+
+
+def _trained_engine(partial: PartialBuild, vectors: np.ndarray, items: list[dict[str, str]], kind: str,
+                    params: dict[str, Any], log: Callable[[str], None]) -> Any:
+    """An empty trained engine: the one a killed run of the same build left in ``partial/``, or
+    a new one (trained on a sample of ``vectors``), kept there before any vector is added."""
+    digest = hashlib.sha256(json.dumps({"kind": kind, "dim": int(vectors.shape[1]), "params": {
+        k: v for k, v in params.items() if k not in ("nprobe", "rerank")}}, sort_keys=True).encode())
+    for it in items:                  # the same images with the same content: the same sample
+        digest.update(f"{it['name']}\0{it['sha256']}\n".encode())
+    key = digest.hexdigest()
+    path, key_path = partial.folder / "trained.faiss", partial.folder / "trained.key"
+    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+        engine = faiss_index.load_engine(path)
+        if engine.ntotal == 0:
+            log("reusing the engine trained by the interrupted build")
+            return engine
+    engine = faiss_index.train_engine(vectors, kind, params)
+    faiss_index.save_engine(engine, path)
+    atomic_write_text(key_path, key)
+    return engine

@@ -18,9 +18,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gallery", help="folder of images (searched recursively); default with --add: the stored one")
     p.add_argument("--model", help="run folder or checkpoint folder; default with --add: the stored one")
     p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default=None,
-                   help="search engine: exact (flat) or approximate (ivf, hnsw); auto = flat below "
-                        "50k images (default: auto, or the stored choice with --add)")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw", "ivfpq", "opq-ivfpq"), default=None,
+                   help="FAISS engine: exact (flat), approximate (ivf, hnsw) or compressed (ivfpq, "
+                        "opq-ivfpq); auto = flat below 50k images, else ivf, or the compressed kind "
+                        "--max-memory asks for (default: auto, or the stored choice with --add)")
+    p.add_argument("--max-memory", help="FAISS: RAM budget of the searched index, e.g. 4G; picks the "
+                                        "engine and PQ code size that fit")
+    p.add_argument("--pq-m", type=int, help="IVF-PQ: bytes per vector (must divide the dimension)")
+    p.add_argument("--rerank", type=int, help="IVF-PQ: candidates re-scored exactly from the stored "
+                                             "float16 vectors (default 100; 0 = off)")
+    p.add_argument("--backend", choices=("faiss", "qdrant"), default="faiss",
+                   help="faiss: files in --out (default); qdrant: vectors in a Qdrant collection, "
+                        "--out keeps only index.json")
+    p.add_argument("--qdrant", help="Qdrant: http(s)://host:port of a server/cluster, a folder "
+                                    "(embedded local mode) or :memory:")
+    p.add_argument("--collection", help="Qdrant: collection name")
+    p.add_argument("--hnsw-m", type=int, help="Qdrant: HNSW links per node (default 16)")
+    p.add_argument("--hnsw-ef-construct", type=int, help="Qdrant: HNSW build candidate list (default 100)")
+    p.add_argument("--on-disk", action="store_true", default=None,
+                   help="Qdrant: keep the original vectors on disk (memory-mapped)")
+    p.add_argument("--qdrant-quantization", choices=("none", "int8", "binary", "pq"),
+                   help="Qdrant: quantised copy kept in RAM for search, rescored with the originals")
+    p.add_argument("--shards", type=int, help="Qdrant cluster: shards of the collection (default 1)")
+    p.add_argument("--replicas", type=int, help="Qdrant cluster: copies of each shard (default 1)")
     p.add_argument("--add", action="store_true", help="update an existing index instead of building a new one")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=512,
@@ -29,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--nlist", type=int, help="IVF: number of lists (default ~4 sqrt(N))")
     p.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
-    p.add_argument("--ef-search", type=int, help="HNSW: candidate list size per query")
+    p.add_argument("--ef-search", type=int, help="HNSW (FAISS or Qdrant): candidate list size per query")
     p.add_argument("--recall-target", type=float, default=0.95,
                    help="IVF without --nprobe: smallest nprobe reaching this recall@10 vs exact (default 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -46,19 +66,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", help="use this model instead of the one stored in the index")
     s.add_argument("--gallery", help="gallery folder, if it moved since the index was built")
     s.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
-    s.add_argument("--ef-search", type=int, help="HNSW: candidate list size per query")
+    s.add_argument("--ef-search", type=int, help="HNSW (FAISS or Qdrant): candidate list size per query")
+    s.add_argument("--rerank", type=int, help="IVF-PQ: candidates re-scored exactly (0 = off)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=run_search)
 
 
 def _params(args: argparse.Namespace) -> dict[str, int]:
     out = {}
-    for key in ("nlist", "nprobe", "ef_search"):
+    for key in ("nlist", "nprobe", "ef_search", "pq_m", "rerank"):
         value = getattr(args, key, None)
         if value is not None:
-            if value < 1:
+            if value < (0 if key == "rerank" else 1):
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-            out[key] = value
+            out["m" if key == "pq_m" else key] = value
     return out
 
 
@@ -69,6 +90,17 @@ def run_index(args: argparse.Namespace) -> int:
     for name in ("batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    from .store import index_exists, read_meta
+    stored = read_meta(args.out).get("backend", "faiss") if index_exists(args.out) else None
+    if args.backend == "qdrant" or (args.add and stored == "qdrant"):
+        return _run_qdrant_index(args)
+    if stored == "qdrant":
+        raise ConfigError(f"{args.out} holds a Qdrant index; pass --add (and --backend qdrant) to "
+                          f"update it, or choose another --out")
+    if args.qdrant or args.collection:
+        raise ConfigError("--qdrant/--collection need --backend qdrant")
+    from .faiss_index import parse_memory
+    max_memory = parse_memory(args.max_memory) if args.max_memory else None
     from ..train import distributed
     # under torchrun each rank embeds a shard (on cuda:LOCAL_RANK with --device cuda); rank 0
     # may wait long for the slowest shard, hence the long barrier timeout
@@ -77,13 +109,35 @@ def run_index(args: argparse.Namespace) -> int:
         report = build_index(args.out, gallery=args.gallery, model=args.model, kind=args.kind, add=args.add,
                              batch_size=args.batch_size, chunk_size=args.chunk_size, device=str(ranks.device),
                              num_workers=args.num_workers, params=_params(args),
-                             recall_target=args.recall_target, progress=not args.quiet and ranks.is_main)
+                             recall_target=args.recall_target, progress=not args.quiet and ranks.is_main,
+                             max_memory=max_memory)
     finally:
         distributed.shutdown()
     if report.shard is not None:
         print(f"rank {report.shard}: {report.embedded} embedded, {report.reused} reused, "
               f"{len(report.skipped)} skipped, {report.seconds:.1f}s (rank 0 writes the index)")
         return 0
+    _print_report(report)
+    return 0
+
+
+def _run_qdrant_index(args: argparse.Namespace) -> int:
+    from .qdrant_index import build_qdrant_index
+    if args.kind not in (None, "auto") or args.max_memory:
+        raise ConfigError("--kind/--max-memory choose a FAISS engine; with --backend qdrant use the "
+                          "collection settings (--hnsw-m, --on-disk, --qdrant-quantization, ...)")
+    settings = {"hnsw_m": args.hnsw_m, "hnsw_ef_construct": args.hnsw_ef_construct, "hnsw_ef": args.ef_search,
+                "on_disk": args.on_disk, "quantization": args.qdrant_quantization,
+                "shards": args.shards, "replicas": args.replicas}
+    report = build_qdrant_index(args.out, args.qdrant, args.collection, gallery=args.gallery, model=args.model,
+                                add=args.add, settings=settings, batch_size=args.batch_size,
+                                chunk_size=args.chunk_size, device=args.device, num_workers=args.num_workers,
+                                progress=not args.quiet)
+    _print_report(report)
+    return 0
+
+
+def _print_report(report) -> None:
     for name, error in report.skipped:
         print(f"skipped {name}: {error}")
     for name in report.removed:
@@ -92,7 +146,6 @@ def run_index(args: argparse.Namespace) -> int:
     print(f"index {report.folder}: {report.count} images ({report.embedded} embedded, {report.reused} reused, "
           f"{len(report.changed)} changed, {len(report.skipped)} skipped, {len(report.removed)} removed), "
           f"{report.kind} engine{recall}, {report.seconds:.1f}s")
-    return 0
 
 
 def run_search(args: argparse.Namespace) -> int:

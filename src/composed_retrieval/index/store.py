@@ -3,7 +3,8 @@
 Layout of an index folder::
 
     index.json              metadata; names the current generation's files (written last)
-    vectors-<gen>.npy       float32 [N, d], L2-normalised, row i = items[i]
+    vectors-<gen>.npy       [N, d], L2-normalised, row i = items[i]; float32, or float16 for the
+                            compressed (PQ) kinds, where it only re-ranks candidates
     items-<gen>.json        [{"name": relative posix path, "sha256": hex of the file bytes}]
     engine-<gen>.faiss      approximate engines only (an exact one is rebuilt from the vectors)
     partial/                chunks of a build in progress (deleted when the build completes)
@@ -29,6 +30,7 @@ from ..fileio import atomic_write, atomic_write_json, read_json, sha256_file  # 
 FORMAT = "composed-retrieval-index/1"
 META = "index.json"
 PARTIAL = "partial"
+WRITE_CHUNK = 100_000      # rows copied at a time when writing the vectors file
 
 
 
@@ -57,7 +59,7 @@ class IndexData:
 
     folder: Path
     meta: dict[str, Any]
-    vectors: np.ndarray                      # float32 [N, d]
+    vectors: np.ndarray                      # [N, d] float32 (float16: PQ kinds); maybe memory-mapped
     items: list[dict[str, str]]              # name, sha256; aligned with vectors
     names: list[str] = field(init=False)
 
@@ -94,8 +96,10 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_index(folder: str | Path) -> IndexData:
-    """Read and cross-check an index; any mismatch is a one-line CheckpointError."""
+def read_index(folder: str | Path, mmap: bool = False) -> IndexData:
+    """Read and cross-check an index; any mismatch is a one-line CheckpointError. ``mmap`` maps
+    the vectors file read-only instead of reading it (pages are shared between processes and
+    only the rows used are read)."""
     folder = Path(folder)
     meta = read_meta(folder)
     files = meta.get("files") or {}
@@ -103,15 +107,16 @@ def read_index(folder: str | Path) -> IndexData:
     if not vec_path.is_file():
         raise CheckpointError("index vectors file is missing", vec_path)
     try:
-        vectors = np.load(vec_path, allow_pickle=False)
+        vectors = np.load(vec_path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"unreadable index vectors ({str(exc).splitlines()[0][:200]})", vec_path) from None
     _check_hashes(folder, meta)
     items = read_json(items_path, "index items file")
     if not isinstance(items, list) or not all(isinstance(it, dict) and "name" in it for it in items):
         raise CheckpointError("index items file is not a list of {name, sha256}", items_path)
-    if vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise CheckpointError(f"index vectors must be float32 [N, d], got {vectors.dtype} {vectors.shape}", vec_path)
+    dtype = np.dtype(meta.get("vectors_dtype", "float32"))
+    if vectors.ndim != 2 or vectors.dtype != dtype:
+        raise CheckpointError(f"index vectors must be {dtype} [N, d], got {vectors.dtype} {vectors.shape}", vec_path)
     if vectors.shape[0] != len(items) or len(items) != meta.get("count"):
         raise CheckpointError(f"index is inconsistent: {vectors.shape[0]} vectors, {len(items)} items, "
                               f"count {meta.get('count')} in {META}", folder)
@@ -139,16 +144,25 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: list[dict[str, s
     """Write a new generation, then ``index.json``, then delete the previous generation.
 
     ``engine_writer(path)`` writes the FAISS file of an approximate index (None for exact).
+    ``vectors`` may be memory-mapped: it is copied in chunks, stored as ``meta["vectors_dtype"]``
+    (float32 unless it says float16).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gen = secrets.token_hex(4)
     files = {"vectors": f"vectors-{gen}.npy", "items": f"items-{gen}.json"}
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dtype = np.dtype(meta.get("vectors_dtype", "float32"))
 
     def save_npy(p: Path) -> None:
-        with open(p, "wb") as fh:
-            np.save(fh, vectors, allow_pickle=False)
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            with open(p, "wb") as fh:
+                np.save(fh, np.asarray(vectors, dtype=dtype), allow_pickle=False)
+            return
+        out = np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=vectors.shape)
+        for lo in range(0, vectors.shape[0], WRITE_CHUNK):
+            out[lo:lo + WRITE_CHUNK] = vectors[lo:lo + WRITE_CHUNK]
+        out.flush()
+        del out
 
     atomic_write(folder / files["vectors"], save_npy)
     atomic_write_json(folder / files["items"], items, indent=None)
@@ -220,6 +234,32 @@ class PartialBuild:
                 raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]}); "
                                       f"delete {self.folder} to start over", path) from None
         return vectors, errors
+
+    def locate(self) -> tuple[dict[str, tuple[str, tuple[Path, int]]], dict[str, tuple[str, str]]]:
+        """Like :meth:`load` without reading any vector: ({name: (sha256, (chunk file, row))},
+        {name: (sha256, error)}), later chunks winning; :meth:`chunk_vectors` reads them."""
+        where: dict[str, tuple[str, tuple[Path, int]]] = {}
+        errors: dict[str, tuple[str, str]] = {}
+        for path in self.chunks():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    for row, (name, h) in enumerate(zip(z["names"].tolist(), z["sha256"].tolist())):
+                        where[name] = (h, (path, row))
+                    for name, h, e in zip(z["error_names"].tolist(), z["error_sha256"].tolist(),
+                                          z["error_messages"].tolist()):
+                        errors[name] = (h, e)
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]}); "
+                                      f"delete {self.folder} to start over", path) from None
+        return where, errors
+
+    @staticmethod
+    def chunk_vectors(path: Path) -> np.ndarray:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return np.asarray(z["vectors"], dtype=np.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]})", path) from None
 
     def write_chunk(self, vectors: np.ndarray, names: list[str], hashes: list[str],
                     errors: Iterable[tuple[str, str, str]]) -> Path:

@@ -36,6 +36,7 @@ from ..data.images import load_image
 from ..errors import CIRError, DataError
 from ..index.search import Reference, Searcher, UnknownImage, UnsafeName
 from .guard import DecodeBudget, DecodeBusy, GuardStats, HostGuard, RequestGuard
+from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, metered
 
 #: uploads and gallery references are decoded at no less than this many times the model's input
 #: size (short side): JPEG at a reduced DCT scale, others box-reduced right after decoding.
@@ -129,7 +130,7 @@ class _Paths:
     def __init__(self, searcher: Searcher) -> None:
         folders = {str(searcher.gallery), str(searcher.gallery_real)}
         self.gallery = sorted((f.rstrip("/") + "/" for f in folders), key=len, reverse=True)
-        index_folder = getattr(searcher.index.data, "folder", None)
+        index_folder = getattr(searcher.index, "folder", None)
         self.others = [str(p) for p in (index_folder, tempfile.gettempdir()) if p]
 
     def scrub(self, text: str) -> str:
@@ -159,10 +160,12 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
                   default_response_class=SafeJSONResponse,
                   description="Search a gallery with a reference image and a modification text.")
     app.state.guard_stats, app.state.decode_budget = stats, budget
-    app.add_middleware(RequestGuard, max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
+    metrics = Metrics()
+    app.add_middleware(metered(RequestGuard, metrics), max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
                        timeout_s=limits.request_timeout_s, max_body_bytes=limits.max_upload_bytes + 64 * 1024,
                        body_timeout_s=limits.body_timeout_s, max_reading=limits.max_reading, stats=stats)
     app.add_middleware(HostGuard, allowed=limits.allowed_hosts)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)   # outermost: sees the guards' answers too
 
     def gallery_file(name: str) -> Path:
         return searcher.gallery_file(aliases.get(name, name))
@@ -222,13 +225,17 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
     def healthz() -> dict:
         """``status`` is "saturated" while every search slot is taken (new searches queue, or get
         429 once ``search.waiting`` reaches ``search.max_queued``), else "ok"."""
-        meta = searcher.index.data.meta
+        meta = searcher.index.meta
         return {"status": "saturated" if stats.saturated else "ok", "images": len(searcher.index),
                 "engine": meta.get("kind"), "method": meta.get("method"), "dim": searcher.index.dim,
                 "search": stats.as_dict(),
                 "decode": {"held_bytes": budget.used, "budget_bytes": budget.max_bytes, "waiting": budget.waiting},
                 "limits": {"max_text_chars": limits.max_text_chars, "max_k": limits.max_k,
                            "max_upload_bytes": limits.max_upload_bytes}}
+
+    @app.get("/metrics", summary="Prometheus metrics (requests, latency, in flight, queued)")
+    def metrics_page() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/gallery", summary="Names of gallery images, a page at a time")
     def gallery(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1)) -> dict:

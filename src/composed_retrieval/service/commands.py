@@ -37,13 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also answer requests whose Host header is NAME (repeatable; '*' for any). "
                         "localhost, IP addresses and --host are always allowed; other names are "
                         "refused against DNS rebinding")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing one memory-mapped index (default 1)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .app import Limits, create_app
     from .guard import TimedH11Protocol
-    from ..index.search import Searcher
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queued < 0:
@@ -52,7 +52,26 @@ def run_serve(args: argparse.Namespace) -> int:
                  "request_timeout", "body_timeout", "header_timeout", "decode_memory_mb"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    os.environ["CIR_HEADER_TIMEOUT_S"] = str(args.header_timeout)   # reaches spawned workers too
+    if args.workers > 1:
+        from ..index.search import open_index
+        from .workers import serve_workers
+        return serve_workers(args, lambda: open_index(args.index, verify=True),
+                             "composed_retrieval.service.commands:app_from_env", http=TimedH11Protocol)
     import uvicorn
+    app, searcher = build_app(args)
+    print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
+          f"(API description at /openapi.json); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=TimedH11Protocol)
+    return 0
+
+
+def build_app(args: argparse.Namespace, verify: bool = True):
+    """The app and searcher for ``cir serve``'s arguments (each worker of --workers builds its own)."""
+    from .app import Limits, create_app
+    from ..index.search import Searcher
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
                     max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
@@ -61,10 +80,13 @@ def run_serve(args: argparse.Namespace) -> int:
                     decode_memory_bytes=int(args.decode_memory_mb * 2**20),
                     allowed_hosts=tuple(dict.fromkeys([args.host, *args.allow_host])))
     searcher = Searcher.open(args.index, model=args.model, gallery=args.gallery, device=args.device,
-                             max_pixels=limits.max_image_pixels)
-    app = create_app(searcher, limits)
-    print(f"serving {len(searcher.index)} images from {searcher.gallery} at http://{args.host}:{args.port}/ "
-          f"(API description at /openapi.json); Ctrl-C stops")
-    os.environ["CIR_HEADER_TIMEOUT_S"] = str(limits.header_timeout_s)   # reaches spawned workers too
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=TimedH11Protocol)
-    return 0
+                             max_pixels=limits.max_image_pixels, verify=verify)
+    return create_app(searcher, limits), searcher
+
+
+def app_from_env():
+    """uvicorn factory, run in each worker of --workers: the app for the parent's arguments."""
+    import json
+    import os
+    from .workers import ENV
+    return build_app(argparse.Namespace(**json.loads(os.environ[ENV])), verify=False)[0]

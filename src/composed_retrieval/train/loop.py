@@ -106,6 +106,10 @@ def validation_source(cfg: dict[str, Any]) -> str:
     return f"the training file {cfg.get('root')} itself (no val_file or val_fraction given)"
 
 
+#: seconds between redraws of curves.png during a run (it is always drawn at the end)
+CURVES_EVERY_S = 60.0
+
+
 class Trainer:
     """Owns one run folder: config.json, metrics.jsonl, curves.png, best/, last/."""
 
@@ -118,6 +122,8 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
+        self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
+        self._curves_at = -math.inf                            # when curves.png was last drawn
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -303,6 +309,7 @@ class Trainer:
                     record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
                                                    cfg["eval_batch_size"], self.device)
                 record["seconds"] = round(time.time() - t0, 2)
+                record["speed"] = self.last_speed   # train_seconds, steps_per_s, samples_per_s
                 global_epoch += 1
                 improved = record["headline"] > best
                 history.append(record)
@@ -369,32 +376,45 @@ class Trainer:
         method.train()
         if method.image_tower_frozen:
             method.encoder.eval()  # no dropout/batch-norm updates in a frozen tower
-        sums: dict[str, float] = {}
-        steps = 0
+        sums: dict[str, torch.Tensor] = {}   # on the device: no sync per step (the GPU runs ahead)
+        steps = samples = 0
         max_steps = self.cfg.get("max_steps_per_epoch")
-        bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress, leave=False)
+        log_every = max(1, int(self.cfg.get("log_every", 20)))
+        bar = tqdm(loader, desc=f"epoch {global_epoch + 1} ({stage['name']})", disable=not self.progress,
+                   leave=False, unit="step")
+        clip = float(self.cfg["grad_clip"]) if self.cfg.get("grad_clip") else None
+        clip_params = method.trainable_parameters() if clip else []   # once per epoch, not per step
+        start = time.perf_counter()
         for batch in bar:
             batch = self._to_device(method, batch)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), distributed.global_batch(self.ddp is not None):
                 out = (self.ddp if self.ddp is not None else method)(batch) if self._spn is None else self._spn(method, batch)  # SPN hook
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            if self.cfg.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), float(self.cfg["grad_clip"]))
+            if clip:
+                torch.nn.utils.clip_grad_norm_(clip_params, clip)
             optimizer.step()
             steps += 1
+            samples += len(batch["caption"])
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if steps % max(1, int(self.cfg.get("log_every", 20))) == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                sums[k] = sums[k] + v if k in sums else v
+            if steps % log_every == 0:
+                rate = steps / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", **{"samples/s": f"{rate * samples / steps:.1f}"})
             if max_steps and steps >= int(max_steps):
                 break
-        means = {k: round(v / max(steps, 1), 6) for k, v in sums.items()}
+        means = {k: round(float(v) / max(steps, 1), 6) for k, v in sums.items()}
         # every scalar a method returns is logged (its epoch mean); a method whose training
         # query is not its inference query (DRA) returns "match" and "match_inference", and
         # their gap is logged beside them so that a target leak shows in metrics.jsonl
         if "match" in means and "match_inference" in means:
             means["match_gap"] = round(means["match_inference"] - means["match"], 6)
+        seconds = time.perf_counter() - start
+        # throughput of whole steps (data loading included), this process: a slow data path
+        # shows here; kept apart from the losses (timings differ between identical runs)
+        self.last_speed = {"train_seconds": round(seconds, 3), "steps_per_s": round(steps / max(seconds, 1e-9), 4),
+                           "samples_per_s": round(samples / max(seconds, 1e-9), 2)}
         return means | {"steps": steps}
 
     def _to_device(self, method: CIRMethod, batch: dict[str, Any]) -> dict[str, Any]:
@@ -406,8 +426,15 @@ class Trainer:
         return out
 
     # ---- outputs --------------------------------------------------------------------------
-    def _write_history(self, history: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    def _write_history(self, history: list[dict[str, Any]], final: bool = False) -> None:
+        """metrics.jsonl every epoch; curves.png at most every CURVES_EVERY_S seconds and at the
+        end (drawing takes ~1 s, which short epochs would otherwise spend on a picture)."""
+        if history:
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        now = time.monotonic()
+        if not history or (not final and now - self._curves_at < CURVES_EVERY_S):
+            return
+        self._curves_at = now
         try:
             plot_curves(history, self.run_dir / "curves.png")
         except Exception as exc:  # a plot must never stop training
@@ -416,6 +443,7 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
             return {}
+        self._write_history(history, final=True)
         last_stage = max(r.get("stage_index", 0) for r in history)
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
@@ -448,14 +476,16 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # the object API with the Agg canvas: no pyplot (its import alone costs seconds), no global state
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ..fileio import atomic_write
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["loss"] for r in history], marker="o")
     ax1.set_xlabel("epoch"); ax1.set_ylabel("training loss"); ax1.grid(alpha=.3)
     keys = [k for k in ("recall@1", "recall@5", "recall_subset@1", "avg", "avg_recall@10", "map@10") if k in history[0]["val"]]
@@ -468,4 +498,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
                 ax.axvline(r["epoch"] - 0.5, color="grey", ls="--", lw=.8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)

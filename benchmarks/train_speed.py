@@ -1,0 +1,197 @@
+"""How close does `cir train`'s loop get to the bare model's optimizer steps?
+
+Toolkit: ``train.loop.Trainer.run`` on a generated user-format dataset (JSONL + photo-sized
+JPEGs), from the first training step to the end of the run: data loading (pixels or cached
+features, collation, tokenisation, device copies), progress/logging, and every epoch's
+checkpoints (best/ and last/), metrics.jsonl and curves.png. Validation is left out (its cost
+depends on the split, not on the loop): the time spent in evaluation is subtracted. The run's
+final curves.png is inside the timed part (~1 s: a short benchmark run pays it visibly).
+Bare: the same method object, optimizer and autocast, ``forward + backward + clip + step`` on
+one batch that is already on the device, as many steps. One run each, side by side.
+
+Cases: each ``--models`` entry with the towers trained (``finetune`` stage, pixels) and frozen
+(``combiner`` stage, cached features). Epoch length matters for the checkpoint cadence: an
+epoch here is ``--steps`` steps (each epoch writes two checkpoints, as a real run does).
+
+    python benchmarks/train_speed.py                                  # tiny, ViT-B-32, RN50x4, CPU
+    python benchmarks/train_speed.py --models tiny --steps 20 --epochs 2
+    python benchmarks/train_speed.py --device cuda --batch-size 128 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from composed_retrieval.config import load_config
+from composed_retrieval.evaluation import runner
+from composed_retrieval.train import loop
+
+
+def write_dataset(folder: Path, n_queries: int, n_images: int = 48, seed: int = 0) -> Path:
+    """A user-format JSONL over photo-sized JPEGs (400x300, noise and blocks)."""
+    rng = np.random.default_rng(seed)
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for i in range(n_images):
+        arr = (rng.random((300, 400, 3)) * 50).astype(np.uint8)
+        y, x = rng.integers(0, 200), rng.integers(0, 300)
+        arr[y:y + 100, x:x + 100] = rng.integers(0, 256, 3)
+        Image.fromarray(arr).save(images / f"im{i:03d}.jpg", quality=90)
+    words = ["red", "blue", "bigger", "smaller", "left", "right", "two", "three"]
+    lines = []
+    for q in range(n_queries):
+        a, b = rng.choice(n_images, 2, replace=False)
+        caption = " ".join(rng.choice(words, 5))
+        lines.append(json.dumps({"reference": f"im{a:03d}.jpg", "caption": f"make it {caption}", "target": f"im{b:03d}.jpg"}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"
+
+
+def random_weight_options(model: str) -> dict[str, Any]:
+    """Encoder options asking for random open_clip weights explicitly, where that is required."""
+    if not model.startswith("open_clip:"):
+        return {"image_width": 64, "text_width": 128, "embed_dim": 128} if model == "tiny" else {}
+    try:
+        from composed_retrieval.encoders.openclip import OpenCLIPEncoder
+        names = set(inspect.signature(OpenCLIPEncoder.__init__).parameters)
+    except ImportError:
+        names = set()
+    for flag in ("random_weights", "allow_random"):
+        if flag in names:
+            return {flag: True}
+    return {}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedTrainer(loop.Trainer):
+    """The real Trainer; it only notes when training starts, how long evaluation takes, and
+    keeps the method, optimizer and one device batch for the bare loop."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.first_step_at: float | None = None
+        self.eval_seconds = 0.0
+        self.captured: dict[str, Any] = {}
+
+    def _train_epoch(self, method, loader, optimizer, amp, stage, global_epoch):  # type: ignore[no-untyped-def]
+        if self.first_step_at is None:
+            sync(self.device)
+            self.first_step_at = time.perf_counter()
+        self.captured.update(method=method, optimizer=optimizer, amp=amp)
+        return super()._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+
+    def _to_device(self, method, batch):  # type: ignore[no-untyped-def]
+        out = super()._to_device(method, batch)
+        self.captured.setdefault("batch", out)
+        return out
+
+    def image_table(self, method, splits, role):  # type: ignore[no-untyped-def]
+        if self.first_step_at is None or role == "train":
+            return super().image_table(method, splits, role)
+        t0 = time.perf_counter()
+        try:
+            return super().image_table(method, splits, role)
+        finally:
+            self.eval_seconds += time.perf_counter() - t0
+
+
+def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp: Path) -> tuple[float, float, int]:
+    stage = {"name": "finetune", "epochs": args.epochs, "lr": 1e-5, "train_image_tower": True, "train_text_tower": True} \
+        if towers else {"name": "combiner", "epochs": args.epochs, "lr": 1e-4}
+    cfg = load_config(None, [], {
+        "method": "combiner", "encoder": model, "encoder_config": random_weight_options(model),
+        "dataset": "user", "root": str(data), "image_root": str(data.parent / "images"),
+        "batch_size": args.batch_size, "seed": 0, "device": args.device, "stages": [stage],
+        "max_steps_per_epoch": args.steps, "eval_batch_size": 64, "cache_dir": str(tmp / "cache")})
+    trainer = TimedTrainer(cfg, tmp / f"run-{model.replace(':', '_')}-{towers}", resume=False, progress=args.progress)
+    evaluate = runner.evaluate_method
+
+    def timed_evaluate(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            trainer.eval_seconds += time.perf_counter() - t0
+
+    runner.evaluate_method = timed_evaluate   # the loop imports it from the module at run time
+    try:
+        trainer.run()
+    finally:
+        runner.evaluate_method = evaluate
+    sync(trainer.device)
+    toolkit_s = time.perf_counter() - trainer.first_step_at - trainer.eval_seconds  # type: ignore[operator]
+    rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    steps = sum(r["steps"] for r in rows)
+
+    c = trainer.captured
+    method, optimizer, batch, amp = c["method"], c["optimizer"], c["batch"], c["amp"]
+    params = method.trainable_parameters()
+    clip = float(cfg["grad_clip"]) if cfg.get("grad_clip") else None
+    method.train()
+    if method.image_tower_frozen:
+        method.encoder.eval()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = method(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+
+    step()   # warm-up
+    sync(trainer.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(trainer.device)
+    bare_s = time.perf_counter() - t0
+    return toolkit_s, bare_s, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,open_clip:ViT-B-32,open_clip:RN50x4")
+    ap.add_argument("--towers", default="on,off", help="on (train the towers), off (frozen, cached features), or both")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--progress", action="store_true", help="show the loop's progress bars")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    print(f"device {device}  batch {args.batch_size}  steps/epoch {args.steps}  epochs {args.epochs}  "
+          f"torch threads {torch.get_num_threads()}  amp {'bf16' if device.type == 'cuda' else 'off (CPU fp32)'}")
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = write_dataset(tmp / "data", args.batch_size * args.steps)
+        for model in args.models.split(","):
+            for towers in args.towers.split(","):
+                toolkit_s, bare_s, steps = run_case(model, towers == "on", args, data, tmp)
+                kit, bare = steps / toolkit_s, steps / bare_s
+                ratios.append(kit / bare)
+                print(f"{model:22s} towers {towers:3s}  toolkit {kit:8.2f} steps/s  bare {bare:8.2f} steps/s  "
+                      f"ratio {kit / bare:.3f}  ({steps} steps)", flush=True)
+    print(f"ratio: {min(ratios):.3f} (worst case; goal >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
