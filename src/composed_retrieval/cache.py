@@ -229,14 +229,10 @@ class FeatureTable:
         return torch.tensor([self.index[n] for n in names], dtype=torch.long)
 
     def take(self, names: Sequence[str]) -> Features:
-        idx = self.rows(names)
-        f = self.features
-        return Features(f.pooled[idx], f.tokens[idx], None if f.mask is None else f.mask[idx])
+        return self.features.rows(self.rows(names))
 
     def lookup(self, name: str) -> Features:
-        i = self.index[name]
-        f = self.features
-        return Features(f.pooled[i], f.tokens[i], None if f.mask is None else f.mask[i])
+        return self.features.rows(self.index[name])
 
 
 @torch.no_grad()
@@ -245,7 +241,7 @@ def encode_with(encoder: EncoderPair, names: Sequence[str], pixels: Callable[[st
                 keep_tokens: bool = True) -> FeatureTable:
     """Encode images given by a pixel source with the encoder's current weights."""
     names = list(dict.fromkeys(names))
-    pooled, tokens, masks = [], [], []
+    pooled, tokens, masks, vision = [], [], [], []
     was_training = encoder.training
     encoder.eval()
     for start in tqdm(range(0, len(names), batch_size), desc="encode images", disable=not progress, leave=False):
@@ -256,6 +252,9 @@ def encode_with(encoder: EncoderPair, names: Sequence[str], pixels: Callable[[st
         tokens.append(f.tokens.cpu() if keep_tokens else f.tokens[:, :0].cpu())
         if f.mask is not None:
             masks.append(f.mask.cpu())
+        if f.vision is not None:   # a multimodal method's reference images (features.py)
+            vision.append(f.vision.cpu())
     encoder.train(was_training)
-    feats = Features(torch.cat(pooled), torch.cat(tokens), torch.cat(masks) if masks else None)
+    feats = Features(torch.cat(pooled), torch.cat(tokens), torch.cat(masks) if masks else None,
+                     torch.cat(vision) if vision else None)
     return FeatureTable(names, feats)

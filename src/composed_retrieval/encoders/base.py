@@ -3,6 +3,12 @@
 An encoder pair gives, for a batch, a pooled feature ``[B, d]`` and a token sequence
 ``[B, L, d_tok]`` (spatial tokens for images; word tokens plus a padding mask for texts), and
 can encode a text in which chosen token slots are replaced by given embeddings (pseudo-words).
+
+Optional capability, **multimodal**: ``encode_multimodal(reference, text_ids)`` encodes a
+reference image and a text *together* (BLIP-2's Q-Former: query tokens and words attend to each
+other and cross-attend to the image), what CaLa-BLIP-2's query and SPRC's prompt are made of. An
+encoder that has it sets ``supports_multimodal = True``; a method that needs it calls
+:func:`require_multimodal`, which raises a one-line error for any other encoder.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..features import Features  # noqa: F401  (re-exported: the interface output type)
 
 
@@ -49,6 +56,18 @@ class EncoderPair(nn.Module):
     def image_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    #: True for encoders with ``encode_multimodal`` (see the module docstring)
+    supports_multimodal: bool = False
+
+    def encode_multimodal(self, reference: torch.Tensor | Features, token_ids: torch.Tensor,
+                          slot_embeddings: torch.Tensor | None = None) -> Features:
+        """Reference image (pixels, or Features carrying ``vision``) and text encoded together."""
+        raise MissingCapability(f"encoder {self.config.get('name', type(self).__name__)!r} has no multimodal "
+                                "path (image and text encoded together); use a BLIP-2 encoder (blip2:DIR)")
+
+    def multimodal_parameters(self) -> list[nn.Parameter]:
+        return []
+
     def text_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
@@ -58,6 +77,17 @@ class EncoderPair(nn.Module):
 
     def encode_texts(self, texts: list[str], slot_embeddings: torch.Tensor | None = None) -> Features:
         return self.encode_text(self.tokenize(texts).to(self.device), slot_embeddings)
+
+
+class MissingCapability(ConfigError, ValueError):
+    """A method asked an encoder for an optional capability it lacks (CLI: a one-line error)."""
+
+
+def require_multimodal(encoder: EncoderPair, method: str) -> None:
+    if not getattr(encoder, "supports_multimodal", False):
+        raise MissingCapability(f"method {method!r} needs an encoder with a multimodal path (image and text "
+                                f"encoded together, e.g. blip2:DIR); encoder "
+                                f"{encoder.config.get('name', type(encoder).__name__)!r} has none")
 
 
 def replace_slots(word_embeddings: torch.Tensor, token_ids: torch.Tensor, slot_token_id: int,

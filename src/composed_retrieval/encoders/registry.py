@@ -23,7 +23,8 @@ OPEN_CLIP_PREFIX = "open_clip:"
 HF_CLIP_PREFIX = "hf_clip:"
 ENCODER_CHOICES = ("tiny", "open_clip:<model> (e.g. open_clip:RN50x4, open_clip:ViT-B-32, open_clip:ViT-L-14)",
                    "open_clip:<folder with open_clip_config.json>",
-                   "hf_clip:<transformers CLIP or SigLIP folder>")
+                   "hf_clip:<transformers CLIP or SigLIP folder>",
+                   "blip2:<Hugging Face BLIP-2 folder or LAVIS .pth>")
 RANDOM_SEED = 0
 
 
@@ -61,6 +62,9 @@ def _build(name: str, checkpoint: str | Path | None, random_weights: bool, kw: d
             load_weights(encoder, checkpoint)
             encoder.config["checkpoint"] = str(Path(checkpoint).resolve())
         return encoder
+    if isinstance(name, str) and (name == "blip2" or name.startswith("blip2:")):
+        from .blip2 import build_blip2
+        return build_blip2(name, checkpoint, random_weights=random_weights, **kw)
     if isinstance(name, str) and name.startswith(OPEN_CLIP_PREFIX) and len(name) > len(OPEN_CLIP_PREFIX):
         from .openclip import OpenCLIPEncoder
         try:

@@ -15,6 +15,7 @@ _METHOD_MODULES = (
     "composed_retrieval.methods.combiner",
     "composed_retrieval.methods.dra",
     "composed_retrieval.methods.cala",
+    "composed_retrieval.methods.cala_blip2",
     "composed_retrieval.methods.textual_inversion",
 )
 

@@ -162,7 +162,7 @@ class TextualInversion(CIRMethod):
         if slot_embeddings is not None:
             return self.encoder.encode_text(token_ids, slot_embeddings)
         empty = token_ids.new_zeros((token_ids.shape[0], 0), dtype=torch.float32)
-        return TextIds(empty, empty[:, :, None], None, token_ids)
+        return TextIds(empty, empty[:, :, None], None, token_ids=token_ids)
 
     def pseudo_words(self, reference: Features) -> torch.Tensor:
         return self.phi(reference.pooled.float())
