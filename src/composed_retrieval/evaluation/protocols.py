@@ -1,4 +1,6 @@
-"""The evaluation protocols of CIRR, FashionIQ, CIRCO and user data (DESIGN.md section 5).
+"""The evaluation protocols of CIRR, FashionIQ, CIRCO and user data.
+
+Metric semantics follow CLIP4Cir's and SEARLE's validate.py.
 
 Protocol facts, as the official/public evaluation code defines them:
 - cirr: the reference image is removed from the gallery ranking (CLIP4Cir/SEARLE delete it

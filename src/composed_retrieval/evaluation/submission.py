@@ -1,4 +1,6 @@
-"""Prediction and submission files (DESIGN.md section 5): build, validate, write, read.
+"""Prediction and submission files: build, validate, write, read.
+
+The formats are the CIRR and CIRCO evaluation servers', as CLIP4Cir and SEARLE write them.
 
 CIRR (server format, two files): {"version": "rc2", "metric": "recall", "<pairid>": [50 names]}
 and the same with "recall_subset" and 3 names. CIRCO: {"<query id>": [50 unique int ids]}.
