@@ -50,9 +50,9 @@ def test_grad_checkpointing_keeps_less_and_gives_the_same_gradients(tiny_vit_nam
     from composed_retrieval.encoders.registry import build_encoder
 
     torch.manual_seed(0)
-    plain = build_encoder(f"open_clip:{tiny_vit_name}").train()
+    plain = build_encoder(f"open_clip:{tiny_vit_name}", random_weights=True).train()
     torch.manual_seed(0)
-    ckpt = build_encoder(f"open_clip:{tiny_vit_name}", grad_checkpointing=True).train()
+    ckpt = build_encoder(f"open_clip:{tiny_vit_name}", grad_checkpointing=True, random_weights=True).train()
     assert ckpt.config["kwargs"]["grad_checkpointing"] is True
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids = plain.tokenize(["a red cube", "two blue balls", "$ on grass"])
