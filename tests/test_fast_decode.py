@@ -80,7 +80,7 @@ def test_fast_embeddings_and_rankings_equal_pillow_path(tmp_path):
     torch.manual_seed(0)
     enc = build_encoder("tiny", embed_dim=32, image_size=64, image_width=16, text_width=32)
     kw = dict(batch_size=8, num_workers=0, progress=False)
-    fast, kept, err = embed_images(enc, names, lambda n: tmp_path / n, **kw)
+    fast, kept, err = embed_images(enc, names, lambda n: tmp_path / n, decoder="fast", **kw)
     slow, kept2, err2 = embed_images(enc, names, lambda n: tmp_path / n, decoder="pillow", **kw)
     assert kept == kept2 == names and not err and not err2
     assert torch.allclose(fast.pooled, slow.pooled, atol=1e-3, rtol=1e-3)
@@ -99,7 +99,7 @@ def test_fast_path_errors_are_pillow_errors(tmp_path):
     kw = dict(batch_size=4, num_workers=0, progress=False, skip_bad=True)
     path_of = lambda n: tmp_path / n  # noqa: E731
     names = ["ok.jpg", "cut.jpg", "junk.png", "gone.jpg"]
-    _, kept, errors = embed_images(enc, names, path_of, **kw)
+    _, kept, errors = embed_images(enc, names, path_of, decoder="fast", **kw)
     _, kept2, errors2 = embed_images(enc, names, path_of, decoder="pillow", **kw)
     assert kept == kept2 == ["ok.jpg"] and errors == errors2 and len(errors) == 3
 
