@@ -53,6 +53,20 @@ class BuildReport:
     shard: str | None = None                 # "rank/world" on a rank other than 0 of a torchrun build
 
 
+def gallery_and_method(gallery: Path, model: Any, method: CIRMethod | None,
+                       device: str) -> tuple[Any, CIRMethod, Callable]:
+    """What every engine's build starts from: the gallery's image files (none is an error), the
+    model in eval mode, and its gallery preprocessing."""
+    from ..data.userdata import list_gallery
+    files = list_gallery(gallery)
+    if not files:
+        raise DataError("no image files in the gallery folder", gallery)
+    if method is None:
+        method = _load_method(model, device)
+    method.eval()
+    return files, method, method.encoder.image_transform("targetpad")
+
+
 def _load_method(model: Any, device: str) -> CIRMethod:
     from ..train.models import load_model
     return load_model(model, device=device)
@@ -171,7 +185,6 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: Any =
     merges the shards into the same index one process would write. Other ranks return a
     report of their shard (``shard`` set, ``count`` 0).
     """
-    from ..data.userdata import list_gallery
 
     start = time.perf_counter()
     out = Path(out)
@@ -210,13 +223,7 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: Any =
     from ..train.models import ModelSpec, describe_model, parse_source
     gallery, model = Path(gallery), parse_source(model)
 
-    files = list_gallery(gallery)
-    if not files:
-        raise DataError("no image files in the gallery folder", gallery)
-    if method is None:
-        method = _load_method(model, device)
-    method.eval()
-    transform = method.encoder.image_transform("targetpad")
+    files, method, transform = gallery_and_method(gallery, model, method, device)
 
     ranks = distributed.current()
     partial = PartialBuild(out, tag=f"r{ranks.rank}" if ranks.active else "")

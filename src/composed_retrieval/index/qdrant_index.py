@@ -173,8 +173,7 @@ def build_qdrant_index(out: str | Path, location: str | None, collection: str | 
     Rerunning after a kill resumes (points already in the collection are skipped); ``add``
     updates a finished index: new or changed files are embedded, points of changed or deleted
     files are removed. Returns a :class:`build.BuildReport`."""
-    from ..data.userdata import list_gallery
-    from .build import BuildReport, _embed_chunk, _hash_all, _load_method
+    from .build import BuildReport, _embed_chunk, _hash_all, gallery_and_method
 
     start = time.perf_counter()
     out = Path(out)
@@ -204,13 +203,7 @@ def build_qdrant_index(out: str | Path, location: str | None, collection: str | 
         raise ConfigError("both --gallery and --model are needed to build a new index")
     settings = check_settings(settings or {})
     gallery, model = Path(gallery), Path(model)
-    files = list_gallery(gallery)
-    if not files:
-        raise DataError("no image files in the gallery folder", gallery)
-    if method is None:
-        method = _load_method(model, device)
-    method.eval()
-    transform = method.encoder.image_transform("targetpad")
+    files, method, transform = gallery_and_method(gallery, model, method, device)
     model_id = model_fingerprint(model) or f"path:{model.resolve()}"
 
     hashes, skipped = _hash_all(files, progress)

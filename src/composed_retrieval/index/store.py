@@ -20,7 +20,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -220,38 +220,35 @@ class PartialBuild:
 
     def load(self) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, tuple[str, str]]]:
         """({name: (sha256, vector)}, {name: (sha256, error)}) of every completed chunk."""
-        vectors: dict[str, tuple[str, np.ndarray]] = {}
-        errors: dict[str, tuple[str, str]] = {}
-        for path in self.chunks():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    for name, h, v in zip(z["names"].tolist(), z["sha256"].tolist(), z["vectors"]):
-                        vectors[name] = (h, np.asarray(v, dtype=np.float32))
-                    for name, h, e in zip(z["error_names"].tolist(), z["error_sha256"].tolist(),
-                                          z["error_messages"].tolist()):
-                        errors[name] = (h, e)
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]}); "
-                                      f"delete {self.folder} to start over", path) from None
-        return vectors, errors
+        def rows(z: Any, path: Path) -> Callable[[int], np.ndarray]:
+            vectors = z["vectors"]           # read once per chunk (NpzFile reads on every access)
+            return lambda row: np.asarray(vectors[row], dtype=np.float32)
+        return self._scan(rows)
 
     def locate(self) -> tuple[dict[str, tuple[str, tuple[Path, int]]], dict[str, tuple[str, str]]]:
         """Like :meth:`load` without reading any vector: ({name: (sha256, (chunk file, row))},
         {name: (sha256, error)}), later chunks winning; :meth:`chunk_vectors` reads them."""
-        where: dict[str, tuple[str, tuple[Path, int]]] = {}
+        return self._scan(lambda z, path: lambda row: (path, row))
+
+    def _scan(self, rows: Callable[[Any, Path], Callable[[int], Any]]) -> tuple[dict[str, tuple[str, Any]],
+                                                                          dict[str, tuple[str, str]]]:
+        """Every completed chunk, later chunks winning: ({name: (sha256, rows(chunk, path)(row))},
+        {name: (sha256, error)}); an unreadable chunk is a one-line CheckpointError."""
+        kept: dict[str, tuple[str, Any]] = {}
         errors: dict[str, tuple[str, str]] = {}
         for path in self.chunks():
             try:
                 with np.load(path, allow_pickle=False) as z:
+                    value = rows(z, path)
                     for row, (name, h) in enumerate(zip(z["names"].tolist(), z["sha256"].tolist())):
-                        where[name] = (h, (path, row))
+                        kept[name] = (h, value(row))
                     for name, h, e in zip(z["error_names"].tolist(), z["error_sha256"].tolist(),
                                           z["error_messages"].tolist()):
                         errors[name] = (h, e)
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"unreadable partial build chunk ({str(exc).splitlines()[0][:200]}); "
                                       f"delete {self.folder} to start over", path) from None
-        return where, errors
+        return kept, errors
 
     @staticmethod
     def chunk_vectors(path: Path) -> np.ndarray:
