@@ -35,15 +35,6 @@ CAPTIONS = ["add a red circle", "make it big", "remove the square on the left", 
 EPS = 1e-12
 
 
-def module_of(method: torch.nn.Module, name: str, image_ids: set[int], text_ids: set[int],
-              param: torch.nn.Parameter) -> str:
-    if id(param) in image_ids:
-        return "image tower"
-    if id(param) in text_ids:
-        return "text tower"
-    return name.split(".")[0]
-
-
 def reached(term: torch.Tensor, params: dict[str, list[torch.nn.Parameter]]) -> list[str]:
     flat = [(group, p) for group, ps in params.items() for p in ps]
     if not term.requires_grad or not flat:
@@ -99,12 +90,10 @@ def stage_report(cfg: dict[str, Any], stage: dict[str, Any]) -> list[dict[str, A
     trainable = method.trainable_parameters()
     for p in trainable:
         p.requires_grad_(True)
-    image_ids = {id(p) for p in encoder.image_parameters()}
-    text_ids = {id(p) for p in encoder.text_parameters()}
-    names = {id(p): n for n, p in method.named_parameters()}
+    group_of = method.module_groups()
     groups: dict[str, list[torch.nn.Parameter]] = {}
     for p in trainable:
-        groups.setdefault(module_of(method, names[id(p)], image_ids, text_ids, p), []).append(p)
+        groups.setdefault(group_of[id(p)], []).append(p)
 
     g = torch.Generator().manual_seed(0)
     size = encoder.image_size
@@ -125,7 +114,7 @@ def stage_report(cfg: dict[str, Any], stage: dict[str, Any]) -> list[dict[str, A
         txt = method.encoder.encode_text(batch["text"])
         side = method.compose(ref, txt).sum() + method.gallery_embedding(method.encoder.encode_image(batch["target"])).sum()
         used = set(reached(side, everything))
-    inference_groups = {module_of(method, n, image_ids, text_ids, everything[n][0]) for n in used}
+    inference_groups = {group_of[id(everything[n][0])] for n in used}
     for p in method.parameters():
         p.requires_grad_(False)
     for p in trainable:

@@ -29,6 +29,7 @@ epoch instead. Runs are resumable: a finished run folder is read back, not train
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -57,23 +58,25 @@ def _data(out: Path, size: str, data_seed: int) -> Path:
     return root
 
 
-def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None, count: int) -> str:
+def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None, count: int,
+               captioner: str) -> str:
     """The generated split for one seed (kept when it is already there with the same settings)."""
     from composed_retrieval.cli import main
-    from composed_retrieval.spn.generate import parse_window
 
-    split = f"spn{seed}"
+    if rank_model and rank_model.endswith(".safetensors"):   # tower weights (e.g. `cir pretrain`'s)
+        ranker = ["--encoder", "tiny", "--encoder-checkpoint", str(Path(rank_model).resolve())]
+    else:
+        ranker = ["--model", str(Path(rank_model).resolve())] if rank_model else ["--encoder", "tiny"]
+    tag = hashlib.sha1(" ".join(ranker + [captioner, window]).encode()).hexdigest()[:8]
+    split = f"spn{seed}-{tag}"   # one split per seed, ranker, captioner and window
     manifest = root / f"spn.{split}.json"
-    ranker = ["--model", str(Path(rank_model).resolve())] if rank_model else ["--encoder", "tiny"]
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        same = (m.get("status") == "complete" and tuple(m["options"]["window"] or ()) == tuple(parse_window(window) or ())
-                and m.get("ranked_by", {}).get("model") == (ranker[1] if rank_model else None)
-                and m["options"].get("max_triplets") == count and "texts_shortened_to_B" in m)
-        if same:
+        if (m.get("status") == "complete" and m["options"].get("max_triplets") == count
+                and "texts_shortened_to_B" in m):
             return split
     main(["spn", "generate", "--dataset", "cirr", "--root", str(root), *ranker,
-          "--captioner", "scenes", "--window", window, "--out-split", split, "--seed", str(seed),
+          "--captioner", captioner, "--window", window, "--out-split", split, "--seed", str(seed),
           "--max-triplets", str(count), "--device", device, "--quiet"])
     return split
 
@@ -84,7 +87,8 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
 
     from composed_retrieval.config import load_config
 
-    base = json.loads(res.files("composed_retrieval").joinpath("configs", f"synth_{method}.json").read_text())
+    family = "claims" if args.init_from_runs else "synth"
+    base = json.loads(res.files("composed_retrieval").joinpath("configs", f"{family}_{method}.json").read_text())
     base.pop("notes", None)
     s1, s2 = STAGE_NAMES[method]
     stage2: dict[str, Any] = {"name": s2, "epochs": args.epochs2, "lr": args.lr2,
@@ -96,18 +100,30 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
     positives = [spn_split] if variant in ("pos", "both") else []
     if args.positives_in == "stage2":     # SPN4CIR: stage 1 is the method's own run on the real triplets
         stage1["extra_train_splits"], stage2["extra_train_splits"] = [], positives
+    stages = [stage1, stage2]
+    if args.init_from_runs:
+        # stage 1 is the method's own finished run (benchmarks/supervised_table.py): only SPN's
+        # second stage trains here, from that run's best weights
+        stages = [stage2]
+        if method == "combiner" and args.combiner_stage2 == "sum":
+            # SPN4CIR's CLIP4Cir stage 2: the element-wise sum on raw features, no Combiner
+            base.update({"method": "sum", "method_config": {"fusion": "raw"}})
+            stage2["name"] = "main"
     base.update({
         "root": str(root), "seed": seed, "device": args.device, "batch_size": args.batch_size,
         "max_steps_per_epoch": steps, "extra_eval_splits": ["heldout"],
         "cache_dir": str(args.out / ".feature_cache"),
         "extra_train_splits": positives if args.positives_in == "all" else [],
-        "stages": [stage1, stage2],
+        "stages": stages,
     })
-    if args.init_from:
+    init = Path(args.init_from_runs) / f"{method}-seed{seed}" if args.init_from_runs else args.init_from
+    if init:
         from composed_retrieval.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
-        base["init_from"] = str(Path(args.init_from).resolve())
-        base["encoder_config"] = read_checkpoint_meta(resolve_checkpoint(args.init_from))["encoder_config"].get("kwargs") or {}
+        meta = read_checkpoint_meta(resolve_checkpoint(init))
+        base["init_from"] = str(Path(init).resolve())
+        base["encoder_config"] = meta["encoder_config"].get("kwargs") or {}
+        base.pop("encoder_checkpoint", None)
     return load_config(None, [], base)
 
 
@@ -165,6 +181,15 @@ def main() -> int:
     ap.add_argument("--epochs1", type=int, default=8, help="stage 1 epochs (towers train)")
     ap.add_argument("--init-from", default=None,
                     help="start from this run's weights (e.g. a shared backbone; with --epochs1 0 only stage 2 trains)")
+    ap.add_argument("--init-from-runs", default=None,
+                    help="folder of benchmarks/supervised_table.py runs: each method and seed starts from its own "
+                         "finished run (METHOD-seedS) as SPN's stage 1, and only stage 2 trains here")
+    ap.add_argument("--combiner-stage2", default="combiner", choices=["combiner", "sum"],
+                    help="with --init-from-runs: the Combiner row's stage-2 query (sum: SPN4CIR's CLIP4Cir recipe, "
+                         "the element-wise sum on raw features with the text tower trained)")
+    ap.add_argument("--captioner", default="scenes:short",
+                    help="captioner of the positives (default scenes:short: colour and shape per object, like "
+                         "SPN's 8-word captions; scenes: the full scene captions, which mostly fall back to {B})")
     ap.add_argument("--epochs2", type=int, default=4, help="stage 2 epochs (frozen image tower)")
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=2e-4)
@@ -179,8 +204,11 @@ def main() -> int:
     ap.add_argument("--positives-per-real", type=float, default=0.6,
                     help="generated triplets per real training triplet (default 0.6: SPN4CIR's one per CIRR "
                          "training image, 16,939 images for 28,225 triplets)")
+    ap.add_argument("--data", default=None, help="an existing synthetic benchmark folder (default: OUT/data/SIZE-seedN)")
     ap.add_argument("--rank-model", default=None,
-                    help="run whose image tower ranks the partners (default: --init-from; else a random tiny tower)")
+                    help="run whose image tower ranks the partners, or tiny-tower weights (.safetensors, e.g. "
+                         "`cir pretrain`'s: a separate image model, as SPN4CIR ranks with UNICOM; default: --init-from; "
+                         "else a random tiny tower)")
     ap.add_argument("--freeze-image1", action="store_true",
                     help="stage 1 keeps the image tower frozen too (cached features: fast on a CPU)")
     ap.add_argument("--positives-in", default="stage2", choices=["stage2", "all"],
@@ -203,13 +231,18 @@ def main() -> int:
         return 2
 
     t0 = time.perf_counter()
-    root = _data(args.out, args.size, args.data_seed)
+    root = Path(args.data).resolve() if args.data else _data(args.out, args.size, args.data_seed)
     n_train = len(json.loads((root / "captions" / "cap.rc2.train.json").read_text()))
     steps = math.ceil(n_train / args.batch_size)
     rank_model = args.rank_model or args.init_from
     n_positives = max(1, round(args.positives_per_real * n_train))
-    spn_split = {s: _positives(root, s, args.window, args.device, rank_model, n_positives)
+    spn_split = {s: _positives(root, s, args.window, args.device, rank_model, n_positives, args.captioner)
                  for s in seeds if {"pos", "both"} & set(variants)}
+    fallback = {}
+    for s, split in spn_split.items():
+        m = json.loads((root / f"spn.{split}.json").read_text())
+        n_texts = m["total_triplets"] * len(m["options"].get("templates") or [0, 1])
+        fallback[s] = (m["texts_shortened_to_B"], n_texts)
     prep = time.perf_counter() - t0
 
     jobs = {(m, v, s): _config(m, v, s, root, args, steps, spn_split.get(s, ""))
@@ -237,6 +270,13 @@ def main() -> int:
                f"{n_positives} positives in {args.positives_in}; negatives tau {args.tau}, k {args.k}; "
                f"positives window {args.window} ranked by {rank_model or 'a random tiny tower'}. "
                f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
+    if fallback:
+        summary += (" Generated texts that fall back to \"{B}\" (too long for the text tower), captioner "
+                    f"{args.captioner}: " + ", ".join(f"seed {s} {a} of {b} ({100 * a / max(b, 1):.1f} %)"
+                                                      for s, (a, b) in sorted(fallback.items())) + ".")
+    if args.init_from_runs:
+        summary += (f" Stage 1: the finished runs of {args.init_from_runs} (METHOD-seedS); Combiner stage 2: "
+                    f"{args.combiner_stage2}.")
     cost = (f"data + positives {prep:.0f} s; {len(run_seconds)} runs trained, "
             f"{(statistics.mean(run_seconds) if run_seconds else 0):.0f} s per run on average "
             f"({args.device}, {args.parallel} at once); total {time.perf_counter() - t0:.0f} s")

@@ -125,6 +125,45 @@ def table(results: dict[str, list[dict]], splits: tuple[str, ...] = ("val", "hel
     return "\n".join(rows)
 
 
+def paired(results: dict[str, list[dict]], a: str, b: str, split: str = "val", key: str = "recall@1") -> str:
+    """``a - b`` per seed (runs are listed seed by seed in both), and their mean: the seed
+    spread of two rows overstates the noise of a difference when both share each seed's data
+    order and initial weights."""
+    if a not in results or b not in results:
+        return "-"
+    diffs = [ra[split][key] - rb[split][key] for ra, rb in zip(results[a], results[b])
+             if key in ra.get(split, {}) and key in rb.get(split, {})]
+    if not diffs:
+        return "-"
+    return " / ".join(f"{d:+.1f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.1f})"
+
+
+def edit_types(results: dict[str, list[dict]], split: str) -> list[str]:
+    """The edit types the split's metrics break recall@1 down by (``cir eval`` JSON keys
+    ``edit_type/{type}/recall@1``)."""
+    kinds = {k.split("/")[1] for runs in results.values() for r in runs for k in r.get(split, {})
+             if k.startswith("edit_type/") and k.endswith("/recall@1")}
+    return sorted(kinds)
+
+
+def edit_type_table(results: dict[str, list[dict]], split: str = "val") -> str:
+    """Recall@1 by modification type (mean ± std over seeds), with each type's query count."""
+    kinds = edit_types(results, split)
+    if not kinds:
+        return ""
+    first = next(r for runs in results.values() for r in runs if split in r)
+    counts = [int(first[split].get(f"edit_type/{k}/queries", 0)) for k in kinds]
+    rows = ["| method | " + " | ".join(f"{k} (n={n})" for k, n in zip(kinds, counts)) + " |",
+            "|" + "---|" * (1 + len(kinds))]
+    for name, runs in results.items():
+        cells = []
+        for k in kinds:
+            vals = [r[split][f"edit_type/{k}/recall@1"] for r in runs if f"edit_type/{k}/recall@1" in r.get(split, {})]
+            cells.append(_fmt(vals) if vals else "-")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     text = table(results)
     print(text)

@@ -76,6 +76,8 @@ def test_readme_commands_run(workdir, capsys):
         assert {"recall@1", "recall@5", "recall@50", "recall_subset@1", "avg"} <= set(res)
         assert res["gallery"]["protocol"] == "cirr" and res["gallery"]["reference_removed"] is True
         assert res["model"]["method"] == "sum"
+        kinds = {k.split("/")[1] for k in res if k.startswith("edit_type/")}   # synthetic data: per-type R@1
+        assert len(kinds) >= 3 and kinds <= {"add", "remove", "color", "size", "shape", "two-step"}
     hf, oc = (json.loads(o)["model"]["encoder"]["name"] for o in outputs["eval"])
     assert hf.startswith("hf_clip:") and oc == "open_clip:cir-test-vit"
     assert json.loads((workdir / "runs" / "clip-index" / "index.json").read_text())["model_spec"]["method"] == "sum"

@@ -481,6 +481,9 @@ def test_training_logs_both_match_losses_and_records_the_options(synth_tiny: Pat
     result = Trainer(cfg, tmp_path / "run", progress=False).run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["warmup", "main"]
+    # what each stage trained (the supervised table counts steps per module from this):
+    # the warm-up never trains the Combiner, main trains it and no tower
+    assert rows[0]["trains"] == ["align_head", "tac"] and rows[1]["trains"] == ["align_head", "combiner", "tac"]
     for r in rows:
         assert {"match", "match_inference", "match_gap"} <= set(r)
         assert r["match_gap"] == pytest.approx(r["match_inference"] - r["match"], abs=1e-5)

@@ -247,3 +247,28 @@ def test_names_outside_the_gallery_are_misses():
     # q0: unknown name first, target second; q1: only unknown names (shorter row)
     m = metrics_from_rankings(split, Rankings(["0", "1"], [["zzz", "e"], ["yyy"]]))
     assert m == {"recall@1": 0.0, "recall@5": 50.0, "recall@10": 50.0, "recall@50": 50.0}
+
+
+# ----------------------------------------------------------------------------- per-edit-type breakdown
+
+def test_edit_type_breakdown_groups_top1_hits_and_adds_up_to_recall_at_1():
+    typed = [dict(q, edit_type=t) for q, t in zip(CIRR_QUERIES, ["add", "add", "color"])]
+    split = _split("cirr", typed)
+    m = evaluate_split(split, CIRR_Q, _gallery())
+    # top-1 hits: q10 no (e first), q11 yes (b), q12 no; subset top-1: q10 c yes, q11 b yes, q12 a no
+    assert m["edit_type/add/queries"] == 2 and m["edit_type/color/queries"] == 1
+    assert m["edit_type/add/recall@1"] == pytest.approx(50.0)
+    assert m["edit_type/color/recall@1"] == 0.0
+    assert m["edit_type/add/recall_subset@1"] == 100.0 and m["edit_type/color/recall_subset@1"] == 0.0
+    weighted = sum(m[f"edit_type/{k}/recall@1"] * m[f"edit_type/{k}/queries"] for k in ("add", "color")) / 3
+    assert weighted == pytest.approx(m["recall@1"])
+    # the same numbers through names (a prediction file), in another query order
+    rk = rank_split(split, CIRR_Q, _gallery())
+    rev = Rankings(rk.query_ids[::-1], rk.names[::-1], rk.subset_names[::-1])
+    assert metrics_from_rankings(split, rev) == pytest.approx(m)
+
+
+def test_no_breakdown_without_edit_types_on_every_query():
+    assert not any(k.startswith("edit_type/") for k in evaluate_split(_split("cirr", CIRR_QUERIES), CIRR_Q, _gallery()))
+    partly = [dict(CIRR_QUERIES[0], edit_type="add")] + CIRR_QUERIES[1:]
+    assert not any(k.startswith("edit_type/") for k in evaluate_split(_split("cirr", partly), CIRR_Q, _gallery()))

@@ -43,6 +43,32 @@ def _generate(root: Path, *extra: str, dataset: str = "cirr") -> None:
     assert main(args) == 0
 
 
+def test_short_scene_captions_fit_the_templates_where_full_ones_fall_back(cirr_root: Path) -> None:
+    """scenes:short (colour and shape per object, like SPN's 8-word captions) makes most texts
+    real templates; the full scene captions mostly do not fit the tiny tower's 32 tokens."""
+    from composed_retrieval.spn.captioners import build_captioner
+    from composed_retrieval.synth import world
+
+    scenes = json.loads((cirr_root / "scenes" / "train.json").read_text())
+    names = sorted(scenes)[:50]
+    short = build_captioner("scenes:short", cirr_root, "train").captions(names, lambda n: Path(n))
+    for name, cap in zip(names, short):
+        objects = scenes[name]["objects"]
+        assert cap == world.short_caption(world.scene_from_dicts(objects))
+        assert len(cap.split()) <= 2 * len(objects) + 1 and all(o["color"] in cap and o["shape"] in cap for o in objects)
+    counts = {}
+    for spec in ("scenes", "scenes:short"):
+        split = "short" if spec == "scenes:short" else "full"
+        assert main(["spn", "generate", "--dataset", "cirr", "--root", str(cirr_root), "--encoder", "tiny",
+                     "--captioner", spec, "--window", "5,40", "--out-split", split, "--device", "cpu", "--quiet"]) == 0
+        m = json.loads((cirr_root / f"spn.{split}.json").read_text())
+        counts[spec] = m["texts_shortened_to_B"] / (2 * m["total_triplets"])
+        assert m["options"]["captioner"] == spec
+    assert counts["scenes:short"] < 0.2 < counts["scenes"]
+    with pytest.raises(ConfigError, match="unknown captioner 'scenes:long'"):
+        build_captioner("scenes:long", cirr_root, "train")
+
+
 def _files(root: Path, split: str = "spn") -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.glob(f"*/*.{split}.json"))}
 

@@ -83,6 +83,7 @@ def test_every_target_is_its_reference_with_exactly_the_edit_applied(tiny):
             assert world.apply_edit(ref, t.steps) == tgt
             assert ref != tgt
             assert caps[t.pairid]["caption"] == t.captions[0]
+            assert caps[t.pairid]["edit_type"] == t.kind   # the one field CIRR does not have
             assert caps[t.pairid]["reference"] == t.reference
             if split != "test1":
                 assert caps[t.pairid]["target_hard"] == t.target
@@ -113,7 +114,8 @@ def test_img_sets_have_six_members_with_reference_and_target(tiny):
 
 
 def test_cirr_key_layout_is_exact(tiny):
-    full = {"pairid", "reference", "target_hard", "target_soft", "caption", "img_set"}
+    # CIRR's keys plus "edit_type" (the modification type, for per-type recall; loaders ignore it)
+    full = {"pairid", "reference", "target_hard", "target_soft", "caption", "img_set", "edit_type"}
     pairids = []
     names: set[str] = set()
     for split in SPLITS:
@@ -163,6 +165,7 @@ def test_load_cirr_reads_every_split(tiny):
         caps = load(tiny / "captions" / f"cap.rc2.{split}.json")
         assert len(sp.queries) == len(caps) and sp.has_targets == (split != "test1")
         assert all(len(q["subset"]) == 5 for q in sp.queries)
+        assert [q["edit_type"] for q in sp.queries] == [c["edit_type"] for c in caps]
 
 
 def test_fashioniq_format_shape(tmp_path):
@@ -175,7 +178,7 @@ def test_fashioniq_format_shape(tmp_path):
             gallery = load(out / "image_splits" / f"split.{cat}.{split}.json")
             assert caps and isinstance(gallery, list) and all(isinstance(n, str) for n in gallery)
             for c in caps:
-                keys = {"candidate", "captions"} | ({"target"} if split != "test" else set())
+                keys = {"candidate", "captions", "edit_type"} | ({"target"} if split != "test" else set())
                 assert set(c) == keys
                 assert len(c["captions"]) == 2 and all(isinstance(x, str) and x for x in c["captions"])
                 assert c["candidate"] in gallery and c.get("target", c["candidate"]) in gallery
@@ -195,6 +198,7 @@ def test_fashioniq_format_shape(tmp_path):
             sp = load_fashioniq(out, split, cat)
             assert len(sp.queries) == meta["triplets"][f"{cat}.{split}"]
             assert sp.has_targets == (split != "test")
+            assert {q["edit_type"] for q in sp.queries} <= set(world._KINDS)
 
 
 def _matches(expr: str, o: world.Obj) -> bool:

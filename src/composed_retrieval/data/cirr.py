@@ -68,6 +68,9 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
             q["caption_choices"] = choices
         if target is not None:
             q["target"] = target
+        kind = field(e, "edit_type", str, cap_path, i, optional=True)   # synthetic data only
+        if kind is not None:
+            q["edit_type"] = kind
         queries.append(q)
     unique_ids((q["query_id"] for q in queries), cap_path, "pairid")
 

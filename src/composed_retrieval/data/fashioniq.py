@@ -97,6 +97,9 @@ def load_fashioniq(root: str | Path, split: str, category: str, image_root: str 
                 q["caption_choices"] = caption_choices(c1, c2)
         if target is not None:
             q["target"] = target
+        kind = field(e, "edit_type", str, cap_path, i, optional=True)   # synthetic data only
+        if kind is not None:
+            q["edit_type"] = kind
         queries.append(q)
 
     if check_images:

@@ -345,7 +345,46 @@ def _checked_targets(split: CIRSplit, proto: str, arrays: _SplitArrays) -> None:
 
 
 def metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, float]:
-    """Metrics in percent for one split; key names depend on the protocol (module docstring)."""
+    """Metrics in percent for one split; key names depend on the protocol (module docstring).
+
+    Queries that carry an ``edit_type`` (the synthetic benchmark's files do) add recall@1 (and
+    CIRR's Rsubset@1) per type: ``edit_type/{type}/recall@1``, ``.../queries``.
+    """
+    out = _metrics_from_rankings(split, rankings)
+    if protocol_of(split) in ("cirr", "generic", "user"):
+        out.update(edit_type_breakdown(split, rankings))
+    return out
+
+
+def edit_type_breakdown(split: CIRSplit, rankings: Rankings) -> dict[str, float]:
+    """Top-1 hits grouped by the queries' ``edit_type``; empty unless every query has a type and
+    a target. The per-type recalls, weighted by their query counts, give the split's recall@1."""
+    queries = split.queries
+    if not queries or any("edit_type" not in q or "target" not in q for q in queries):
+        return {}
+    order = _align(split, rankings)
+    if rankings.indices is not None and rankings.gallery is not None:
+        g = rankings.gallery
+        firsts = rankings.indices[:, 0].tolist() if rankings.indices.shape[1] else []
+        top = [g[j] if j >= 0 else None for j in firsts]
+    else:
+        top = [row[0] if row else None for row in rankings.names]
+    sub = rankings.subset_names
+    hits: dict[str, list[tuple[bool, bool | None]]] = {}
+    for q, i in zip(queries, order):
+        s_hit = (bool(sub[i]) and sub[i][0] == q["target"]) if sub is not None else None
+        hits.setdefault(str(q["edit_type"]), []).append((top[i] == q["target"], s_hit))
+    out: dict[str, float] = {}
+    for kind in sorted(hits):
+        rows = hits[kind]
+        out[f"edit_type/{kind}/queries"] = float(len(rows))
+        out[f"edit_type/{kind}/recall@1"] = 100.0 * sum(h for h, _ in rows) / len(rows)
+        if sub is not None:
+            out[f"edit_type/{kind}/recall_subset@1"] = 100.0 * sum(bool(s) for _, s in rows) / len(rows)
+    return out
+
+
+def _metrics_from_rankings(split: CIRSplit, rankings: Rankings) -> dict[str, float]:
     proto = protocol_of(split)
     arrays = _arrays(split)
     _checked_targets(split, proto, arrays)

@@ -70,6 +70,15 @@ class CIRMethod(nn.Module):
             params += list(self.encoder.text_parameters())
         return params
 
+    def module_groups(self) -> dict[int, str]:
+        """``id(parameter) -> module name``: "image tower", "text tower" or the method's own
+        top-level module (combiner, tac, ...). Names what a stage trains (metrics.jsonl
+        ``trains``) and what a loss term reaches (benchmarks/grad_report.py)."""
+        groups = {id(p): n.split(".")[0] for n, p in self.named_parameters()}
+        groups.update({id(p): "text tower" for p in self.encoder.text_parameters()})
+        groups.update({id(p): "image tower" for p in self.encoder.image_parameters()})
+        return groups
+
     @property
     def image_tower_frozen(self) -> bool:
         """With a frozen image tower the loop may feed cached features instead of pixels."""

@@ -6,7 +6,9 @@ writes a modification text from the captions of two images. Here the captioner i
 
 * ``scenes``: the synthetic benchmark's ground-truth scene captions (``ROOT/scenes/{split}.json``,
   ``{name: {"caption": str, ...}}``, written by ``cir synth``): a perfect captioner, so the
-  benchmark measures the method and not a caption model.
+  benchmark measures the method and not a caption model. ``scenes:short`` gives each object's
+  colour and shape only (2-10 words, like SPN's 8-word LLaVA captions), so that two captions fit
+  a template in a short text tower instead of falling back to "{B}".
 * ``file:PATH``: captions someone already has. JSON ``{name: caption}`` or a JSON list of
   objects with ``image``/``name``/``image_id`` and ``caption``; or TSV/CSV-free tab-separated
   ``name<TAB>caption`` lines (an optional ``image<TAB>caption`` header). A key matches an image
@@ -31,8 +33,9 @@ from typing import Callable, Protocol, Sequence
 
 from ..errors import ConfigError, DataError
 from ..fileio import read_json, read_text
+from ..synth.world import scene_from_dicts, short_caption
 
-CAPTIONER_KINDS = ("scenes", "file:PATH", "model:PATH", "python:MODULE:FUNCTION")
+CAPTIONER_KINDS = ("scenes", "scenes:short", "file:PATH", "model:PATH", "python:MODULE:FUNCTION")
 
 
 class Captioner(Protocol):
@@ -76,7 +79,8 @@ class TableCaptioner:
         return out
 
 
-def scene_captioner(root: str | Path, split: str) -> TableCaptioner:
+def scene_captioner(root: str | Path, split: str, short: bool = False) -> TableCaptioner:
+    """``short``: colour and shape per object only (``synth.world.short_caption``)."""
     path = Path(root) / "scenes" / f"{split}.json"
     if not path.is_file():
         raise ConfigError(f"captioner 'scenes' needs the synthetic benchmark's scene file {path} "
@@ -87,8 +91,14 @@ def scene_captioner(root: str | Path, split: str) -> TableCaptioner:
     table = {}
     for name, scene in data.items():
         cap = scene.get("caption") if isinstance(scene, dict) else None
+        if short and cap is not None:
+            try:
+                cap = short_caption(scene_from_dicts(scene["objects"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"scene {name!r}: 'objects' must be a list of {{shape, color, size, row, col}} "
+                                f"({exc})", path) from None
         table[name] = _clean(cap, f"{path}: scene {name!r}")
-    return TableCaptioner(table, str(path), "scenes")
+    return TableCaptioner(table, str(path), "scenes:short" if short else "scenes")
 
 
 def file_captioner(path: str | Path) -> TableCaptioner:
@@ -198,8 +208,8 @@ def python_captioner(spec: str, batch_size: int = 16) -> CallableCaptioner:
 
 def build_captioner(spec: str, root: str | Path, split: str, device: str = "cpu") -> Captioner:
     """``--captioner`` value -> captioner (see the module docstring for the kinds)."""
-    if spec == "scenes":
-        return scene_captioner(root, split)
+    if spec in ("scenes", "scenes:short"):
+        return scene_captioner(root, split, short=spec == "scenes:short")
     kind, _, rest = spec.partition(":")
     if kind == "file" and rest:
         return file_captioner(rest)

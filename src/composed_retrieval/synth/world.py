@@ -76,6 +76,18 @@ def caption(scene: Scene) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def short_caption(scene: Scene) -> str:
+    """Colour and shape of each object, no size or position ('red circle, blue square and green
+    triangle'): 2-10 words, like SPN's 8-word LLaVA captions, so that two of them fit SPN's
+    templates in a short text tower; the full caption would not (see ``caption``)."""
+    parts = [f"{o.color} {o.shape}" for o in scene]
+    if not parts:
+        return "empty scene"
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def describe(scene: Scene) -> dict[str, Any]:
     return {"objects": [o.to_dict() for o in scene], "caption": caption(scene)}
 

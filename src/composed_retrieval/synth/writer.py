@@ -96,6 +96,7 @@ def _cirr_captions(sp: SplitPlan) -> list[dict[str, Any]]:
             row["target_hard"] = t.target
             row["target_soft"] = {t.target: 1.0}
         row["caption"] = t.captions[0]
+        row["edit_type"] = t.kind   # not a CIRR field: lets evaluation break recall down by edit
         img_set: dict[str, Any] = {"id": t.group, "members": members,
                                    "reference_rank": members.index(t.reference)}
         if with_targets:
@@ -147,7 +148,7 @@ def _write_fashioniq(out: Path, plan: Plan, workers: int) -> dict[str, Any]:
         for t in sp.triplets:
             cat = fashioniq_category(t.group)
             row = {"target": t.target} if fsplit != "test" else {}
-            row.update({"candidate": t.reference, "captions": list(t.captions)})
+            row.update({"candidate": t.reference, "captions": list(t.captions), "edit_type": t.kind})
             rows[cat].append(row)
             gallery[cat].update(dict.fromkeys(sp.groups[t.group]))
         for cat in FIQ_CATEGORIES:

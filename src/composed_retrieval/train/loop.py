@@ -252,6 +252,8 @@ class Trainer:
             params = method.trainable_parameters()
             if not params:
                 raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
+            groups = method.module_groups()
+            trains = sorted({groups[id(p)] for p in params})   # logged: step counts per module
             optimizer = build_optimizer(method, params, stage,
                                         float(stage.get("weight_decay", cfg["weight_decay"])))
             first_epoch = start_epoch if stage_index == start_stage else 0
@@ -305,7 +307,7 @@ class Trainer:
                 val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
                                       cfg["eval_batch_size"], self.device)
                 record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index,
-                                          "lr": epoch_lr, **losses,
+                                          "lr": epoch_lr, "trains": trains, **losses,
                                           "val": val, "headline": headline(val_splits[0].protocol, val)}
                 for name, splits in extra.items():
                     record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
