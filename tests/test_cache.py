@@ -109,6 +109,25 @@ def test_weights_hash_is_memoised_and_tracks_changes():
     assert weights_hash(b) == h1
 
 
+def test_image_feature_key_ignores_the_text_tower_only():
+    """A trained text tower (CaLa/DRA/SPN recipes) keeps the image cache; any image-side change
+    (weights, buffers) gives a new key."""
+    from composed_retrieval.cache import image_weights_hash
+
+    torch.manual_seed(0)
+    a = CountingTiny()
+    h = image_weights_hash(a)
+    with torch.no_grad():
+        a.text.proj.weight[0, 0] += 1
+    assert image_weights_hash(a) == h and weights_hash(a) != h
+    with torch.no_grad():
+        next(iter(a.visual.parameters())).view(-1)[0] += 1
+    assert image_weights_hash(a) != h
+    h2 = image_weights_hash(a)
+    a.visual.register_buffer("stat", torch.zeros(1))
+    assert image_weights_hash(a) != h2
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
 def test_damaged_entry_is_rebuilt_with_a_warning(tmp_path, images, encoder, damage):
     names, path_of = images

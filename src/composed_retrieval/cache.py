@@ -1,7 +1,7 @@
 """Features of a split, embedded once and kept on disk (safetensors + JSON metadata).
 
-An entry is keyed by the encoder (its config without the checkpoint path, and a sha256 of its
-weights), the preprocessing, the split id, the exact list of names, whether tokens are kept and
+An entry is keyed by the encoder (its config without the checkpoint path, and a sha256 of the
+weights image features depend on: everything but the text-only parameters), the preprocessing, the split id, the exact list of names, whether tokens are kept and
 the storage dtype: any change to one of these gives a new entry instead of stale features.
 
 Cached features are derived data, so a damaged entry (metadata unreadable, file size or sha256
@@ -26,31 +26,39 @@ from .encoders.base import EncoderPair, Features
 from .errors import CIRError, ConfigError, DataError
 from .fileio import atomic_write, atomic_write_json, read_json, sha256_file
 
-CACHE_FORMAT = 1
-_HASH_MEMO: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+CACHE_FORMAT = 2   # 2: keyed by the image-side weights only (image_weights_hash)
+_HASH_MEMO: "weakref.WeakKeyDictionary[torch.nn.Module, dict[frozenset, tuple[tuple, str]]]" = weakref.WeakKeyDictionary()
 
 
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of every state-dict tensor (names, dtypes, shapes, bytes).
+def weights_hash(module: torch.nn.Module, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 of every state-dict tensor (names, dtypes, shapes, bytes) but those in ``exclude``.
 
     Memoised per module; the memo is invalidated when any tensor is modified in place
     (an optimizer step bumps ``Tensor._version``) or replaced (its storage pointer changes).
     """
-    state = module.state_dict()
-    signature = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
-    memo = _HASH_MEMO.get(module)
-    if memo is not None and memo[0] == signature:
-        return memo[1]
+    state = [(k, v) for k, v in module.state_dict(keep_vars=True).items() if k not in exclude]
+    signature = (exclude, tuple((k, v.data_ptr(), v._version) for k, v in state))
+    memo = _HASH_MEMO.setdefault(module, {})
+    if exclude in memo and memo[exclude][0] == signature:
+        return memo[exclude][1]
     h = hashlib.sha256()
-    for name, tensor in state.items():
+    for name, tensor in state:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
-    _HASH_MEMO[module] = (signature, digest)
+    memo[exclude] = (signature, digest)
     return digest
 
 
+def image_weights_hash(encoder: EncoderPair) -> str:
+    """sha256 of what image features depend on: every weight and buffer of the encoder except
+    the parameters only the text side uses. Training the text tower (CaLa's, DRA's and SPN's
+    recipes) then keeps the cached image features instead of re-embedding every split each epoch;
+    a parameter both sides use (e.g. a shared Q-Former) stays in the key."""
+    image = {id(p) for p in encoder.image_parameters()}
+    text_only = {id(p) for p in encoder.text_parameters()} - image
+    return weights_hash(encoder, frozenset(n for n, p in encoder.named_parameters() if id(p) in text_only))
 
 
 def _slug(text: str) -> str:
@@ -120,7 +128,7 @@ class FeatureCache:
         fields = {
             "format": CACHE_FORMAT,
             "encoder": config,
-            "weights_sha256": weights_hash(encoder),
+            "image_weights_sha256": image_weights_hash(encoder),
             "preprocess": prep(),
             "split_id": split_id,
             "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest(),
