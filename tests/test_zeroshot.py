@@ -149,6 +149,22 @@ def test_pair_file_reading_header_delimiter_and_roots(tmp_path):
     assert read_pairs(sub / "p.tsv", image_root=tmp_path).paths == [tmp_path / "b.png"]
 
 
+def test_pairs_config_takes_a_file_or_an_object_naming_it(tmp_path):
+    """``pairs`` is a path or {file, image_root, ...} (what zs_masked.json's notes advertise)."""
+    from composed_retrieval.config import load_config
+    from composed_retrieval.data.pairs import pairs_from_config
+
+    f = _pair_file(tmp_path, "image\tcaption\na.png\tred\n")
+    base = {"method": "textual_inversion", "encoder": "tiny", "dataset": "cirr", "root": str(tmp_path)}
+    for spec in (str(f), {"file": str(f), "image_root": str(tmp_path)}):
+        cfg = load_config(None, [], dict(base, pairs=spec))
+        assert pairs_from_config(cfg, tmp_path).paths == [tmp_path / "a.png"]
+    for bad, match in (({"image_root": "x"}, "'pairs' must be a path string or an object with a 'file' path"),
+                       ({"file": str(tmp_path / "nope.tsv")}, "'pairs': .*nope.tsv not found")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [], dict(base, pairs=bad))
+
+
 @pytest.mark.parametrize("text,match", [
     ("image\tlabel\na.png\tred\n", "no caption column"),
     ("caption\tfoo\nred\tx\n", "no image column"),

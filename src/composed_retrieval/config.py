@@ -187,6 +187,7 @@ class Rule:
 
     def wanted(self) -> str:
         text = {"str": "a string", "path": "a path string", "bool": "true or false",
+                "file_spec": "a path string or an object with a 'file' path",
                 "names": "a list of names", "dict": "an object"}.get(self.kind, "")
         if self.kind in ("int", "num"):
             text = "an integer" if self.kind == "int" else "a finite number"
@@ -212,7 +213,10 @@ def _check_field(name: str, value: Any, rule: Rule) -> None:
           "bool": isinstance(value, bool), "dict": isinstance(value, dict),
           "int": isinstance(value, int) and not isinstance(value, bool),
           "num": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "names": isinstance(value, list) and all(isinstance(v, str) and v for v in value)}[kind]
+          "names": isinstance(value, list) and all(isinstance(v, str) and v for v in value),
+          # a file, or an object naming it ({file, image_root, ...}: data/pairs.py checks its keys)
+          "file_spec": (isinstance(value, str) and bool(value)) or
+                       (isinstance(value, dict) and isinstance(value.get("file"), str) and bool(value["file"]))}[kind]
     if ok and kind in ("int", "num"):
         ok = math.isfinite(value)
         if ok and rule.low is not None:
@@ -224,8 +228,9 @@ def _check_field(name: str, value: Any, rule: Rule) -> None:
         ok = all(v in choices for v in (value if isinstance(value, list) else [value]))
     if not ok:
         raise ConfigError(f"config field {name} must be {rule.wanted()}, found {_show(value)}")
-    if rule.exists and not Path(value).exists():
-        raise ConfigError(f"config field {name}: {value} not found")
+    path = value.get("file") if isinstance(value, dict) else value
+    if rule.exists and not Path(path).exists():
+        raise ConfigError(f"config field {name}: {path} not found")
 
 
 def _check_finite(node: Any, where: str) -> None:
@@ -262,7 +267,7 @@ FIELDS: dict[str, Rule] = {
     "amp": Rule("bool"), "device": Rule("str"), "num_workers": Rule("int", low=0),
     "eval_batch_size": Rule("int", low=1), "cache_dir": Rule("path", null=True),
     "preload_pixels_max_mb": Rule("num", low=0), "max_steps_per_epoch": Rule("int", null=True, low=1),
-    "pairs": Rule("path", null=True, exists=True), "log_every": Rule("int", low=1),
+    "pairs": Rule("file_spec", null=True, exists=True), "log_every": Rule("int", low=1),
 }
 del FIELDS["stages"]
 #: fields of one stage (lr_mult and schedule: train.optim.check_stage_options)
