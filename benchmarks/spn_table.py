@@ -23,8 +23,19 @@ best stage-2 epoch by the validation headline; the table reports that epoch's va
 CIRR-style R@1, R@5 and Rsubset@1 (mean +- std over seeds); ``--pick last`` reports the last
 epoch instead. Runs are resumable: a finished run folder is read back, not trained again.
 
+With ``--init-from-runs DIR`` (the README's tables) SPN's stage 1 is each method's own finished
+run of ``benchmarks/supervised_table.py`` (``DIR/METHOD-seedS``, the same seed), and only
+stage 2 trains here. Two blocks: SPN4CIR's stage-2 recipe (``--combiner-stage2 sum``: the
+Combiner row trains CLIP4Cir's raw element-wise sum as SPN4CIR's CLIP4Cir code does; tau 0.02;
+partners from SPN4CIR's far rank window scaled to this training set) and the project's variant
+(the Combiner kept, tau 0.03, the 5 nearest neighbours). Positives are captioned by
+``--captioner`` (default ``scenes:short``); the summary reports the share of generated texts
+that fall back to "{B}".
+
     python benchmarks/spn_table.py --size tiny --seeds 0 --epochs1 1 --epochs2 1      # smoke test
-    python benchmarks/spn_table.py --device cuda --parallel 6                          # the table
+    python benchmarks/spn_table.py --data runs/tables/synth-small --init-from-runs runs/supervised_table \
+        --cache-dir runs/supervised_table/.feature_cache --rank-model runs/zs/pretrain_seed0/encoder.safetensors \
+        --combiner-stage2 sum --tau 0.02 --window 7200,10800 --epochs2 2 --lr2 2e-4 --out runs/spn_faithful --parallel 2
 """
 from __future__ import annotations
 
@@ -112,7 +123,7 @@ def _config(method: str, variant: str, seed: int, root: Path, args: argparse.Nam
     base.update({
         "root": str(root), "seed": seed, "device": args.device, "batch_size": args.batch_size,
         "max_steps_per_epoch": steps, "extra_eval_splits": ["heldout"],
-        "cache_dir": str(args.out / ".feature_cache"),
+        "cache_dir": str(Path(args.cache_dir).resolve() if args.cache_dir else args.out / ".feature_cache"),
         "extra_train_splits": positives if args.positives_in == "all" else [],
         "stages": stages,
     })
@@ -204,6 +215,8 @@ def main() -> int:
     ap.add_argument("--positives-per-real", type=float, default=0.6,
                     help="generated triplets per real training triplet (default 0.6: SPN4CIR's one per CIRR "
                          "training image, 16,939 images for 28,225 triplets)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="feature cache (default OUT/.feature_cache; the supervised table's, to reuse its image features)")
     ap.add_argument("--data", default=None, help="an existing synthetic benchmark folder (default: OUT/data/SIZE-seedN)")
     ap.add_argument("--rank-model", default=None,
                     help="run whose image tower ranks the partners, or tiny-tower weights (.safetensors, e.g. "
