@@ -37,10 +37,14 @@ EXPERIMENTS = {
     "cala": {"config": CONFIGS / "claims_cala.json"},
     "cala-no-hca": {"config": CONFIGS / "claims_cala.json", "overrides": ["method_config.hca=false", 'stages.0.lr_mult={"tac": 2.0}']},
     "cala-no-tac": {"config": CONFIGS / "claims_cala.json", "overrides": ["method_config.tac=false", 'stages.0.lr_mult={"hca": 2.0}']},
+    # control: CaLa's recipe (sum query, schedule, weight decay) with neither term, i.e. the
+    # element-wise sum fine-tuned alone: separates the terms from the recipe
+    "cala-no-tac-no-hca": {"config": CONFIGS / "claims_cala.json",
+                           "overrides": ["method_config.tac=false", "method_config.hca=false", "stages.0.lr_mult={}"]},
 }
 #: (row, the row it is claimed to beat): the papers' claims as their ablations state them
 CLAIMS = (("dra", "combiner"), ("cala", "combiner"), ("dra", "dra-no-implicit"), ("dra", "dra-no-explicit"),
-          ("cala", "cala-no-hca"), ("cala", "cala-no-tac"))
+          ("cala", "cala-no-hca"), ("cala", "cala-no-tac"), ("cala", "cala-no-tac-no-hca"))
 
 
 def ensure_towers(data: Path, out: Path, epochs: int) -> Path:
