@@ -70,7 +70,7 @@ def _data(out: Path, size: str, data_seed: int) -> Path:
 
 
 def _positives(root: Path, seed: int, window: str, device: str, rank_model: str | None, count: int,
-               captioner: str) -> str:
+               captioner: str, cache_dir: str | None = None) -> str:
     """The generated split for one seed (kept when it is already there with the same settings)."""
     from composed_retrieval.cli import main
 
@@ -88,7 +88,8 @@ def _positives(root: Path, seed: int, window: str, device: str, rank_model: str 
             return split
     main(["spn", "generate", "--dataset", "cirr", "--root", str(root), *ranker,
           "--captioner", captioner, "--window", window, "--out-split", split, "--seed", str(seed),
-          "--max-triplets", str(count), "--device", device, "--quiet"])
+          "--max-triplets", str(count), "--device", device, "--quiet",
+          *(["--cache-dir", str(Path(cache_dir).resolve())] if cache_dir else [])])
     return split
 
 
@@ -231,6 +232,7 @@ def main() -> int:
                     help="stage 2 trains only the method (default: the text tower too, as SPN4CIR's stage 2)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / parallel)")
     ap.add_argument("--pick", default="best", choices=["best", "last"],
                     help="report the best epoch by val headline (default) or the last epoch")
     args = ap.parse_args()
@@ -249,7 +251,8 @@ def main() -> int:
     steps = math.ceil(n_train / args.batch_size)
     rank_model = args.rank_model or args.init_from
     n_positives = max(1, round(args.positives_per_real * n_train))
-    spn_split = {s: _positives(root, s, args.window, args.device, rank_model, n_positives, args.captioner)
+    spn_split = {s: _positives(root, s, args.window, args.device, rank_model, n_positives, args.captioner,
+                                args.cache_dir)
                  for s in seeds if {"pos", "both"} & set(variants)}
     fallback = {}
     for s, split in spn_split.items():
@@ -260,7 +263,7 @@ def main() -> int:
 
     jobs = {(m, v, s): _config(m, v, s, root, args, steps, spn_split.get(s, ""))
             for s in seeds for m in methods for v in variants}   # seed by seed: a cut-off run leaves whole seeds
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     import multiprocessing as mp
     with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=mp.get_context("spawn"),
