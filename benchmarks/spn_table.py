@@ -182,6 +182,22 @@ def table(results: dict[tuple[str, str, int], dict[str, Any]], methods: list[str
     return "\n".join(lines)
 
 
+def paired(results: dict[tuple[str, str, int], dict[str, Any]], methods: list[str], variants: list[str]) -> str:
+    """Each variant minus base, seed by seed (same stage-1 run, same seed): val and held-out R@1."""
+    lines = ["| method | variant minus base | val R@1 by seed | held-out R@1 by seed |", "|---|---|---|---|"]
+    for method in methods:
+        for variant in variants:
+            if variant == "base":
+                continue
+            cells = []
+            for split in ("val", "heldout"):
+                d = [results[(method, variant, s)][split]["recall@1"] - results[(method, "base", s)][split]["recall@1"]
+                     for (m, v, s) in sorted(results) if m == method and v == variant and (method, "base", s) in results]
+                cells.append(" / ".join(f"{x:+.1f}" for x in d) + (f" (mean {statistics.mean(d):+.1f})" if d else ""))
+            lines.append(f"| {method} | +{variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/spn_table"))
@@ -278,11 +294,16 @@ def main() -> int:
                               "heldout_R@1": round(r["heldout"]["recall@1"], 1), "seconds": r["seconds"]}), flush=True)
 
     text = table(results, methods, variants, args.pick)
+    if "base" in variants and len(variants) > 1:
+        text += "\n\n" + paired(results, methods, variants)
     run_seconds = [r["seconds"] for r in results.values() if not r.get("reused")]
+    stage1 = ("stage 1 = the finished runs of --init-from-runs" if args.init_from_runs else
+              f"stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 1 image tower "
+              f"{'frozen' if args.freeze_image1 else 'trains'}")
     summary = (f"SPN on the synthetic benchmark ({args.size}, data seed {args.data_seed}), tiny encoder, seeds "
-               f"{seeds}; stage 1 {args.epochs1} epochs (lr {args.lr1}), stage 2 {args.epochs2} epochs (lr {args.lr2}), "
+               f"{seeds}; {stage1}; stage 2 {args.epochs2} epochs (lr {args.lr2}), "
                f"{steps} steps per epoch of batch {args.batch_size}; stage 2 text tower "
-               f"{'trains' if args.text_tower else 'frozen'}; stage 1 image tower {'frozen' if args.freeze_image1 else 'trains'}; "
+               f"{'trains' if args.text_tower else 'frozen'}; "
                f"{n_positives} positives in {args.positives_in}; negatives tau {args.tau}, k {args.k}; "
                f"positives window {args.window} ranked by {rank_model or 'a random tiny tower'}. "
                f"{'Best epoch by val headline' if args.pick == 'best' else 'Last epoch'}; mean ± std over seeds.")
