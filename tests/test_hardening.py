@@ -397,7 +397,8 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, synth_tiny):
 # ---- the generated config test ------------------------------------------------------------------
 def _bad_values(key: str, rule: Rule, tmp: Path) -> list[tuple[str, object]]:
     """(label, value) pairs: one wrong-typed, one (or two) out of range, derived from the rule."""
-    wrong = {"str": 5, "path": 5, "int": "3", "num": "x", "bool": "yes", "names": "heldout", "dict": [1]}[rule.kind]
+    wrong = {"str": 5, "path": 5, "file_spec": 5, "int": "3", "num": "x", "bool": "yes", "names": "heldout",
+             "dict": [1]}[rule.kind]
     cases: list[tuple[str, object]] = [("wrong type", wrong)]
     if rule.kind == "int":
         cases += [("boolean as integer", True), ("out of range", int(rule.low) - 1 if rule.low is not None else "x")]
@@ -410,6 +411,8 @@ def _bad_values(key: str, rule: Rule, tmp: Path) -> list[tuple[str, object]]:
     elif rule.kind == "path":
         cases += [("out of range", str(tmp / "nowhere" / "x"))] if key != "cache_dir" else \
                  [("out of range", str(tmp / "a_file"))]
+    elif rule.kind == "file_spec":
+        cases += [("out of range", str(tmp / "nowhere" / "x")), ("object without file", {"image_root": "x"})]
     elif rule.kind == "names":
         cases += [("out of range", ["no-such-name"])]
     elif rule.kind == "dict":
