@@ -68,6 +68,14 @@ def str_list(entry: dict, name: str, path: Path, index: int, length: int | None 
     return value
 
 
+def copy_edit_type(entry: dict, query: dict, path: Path, index: int) -> None:
+    """The entry's optional ``edit_type`` (the synthetic benchmark writes one; real CIRR and
+    FashionIQ files have none) into the query, for per-type recall."""
+    kind = field(entry, "edit_type", str, path, index, optional=True)
+    if kind is not None:
+        query["edit_type"] = kind
+
+
 def generated_texts(entry: dict, path: Path, index: int) -> list[str] | None:
     """A generated triplet's texts (SPN positives: one per template), of which training draws
     one each time the triplet is read; None for an ordinary entry."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import DataError
 from .base import CIRSplit
 from .userdata import safe_name
-from .checks import (check_images_exist, check_part, entry_error, field, generated_texts,
+from .checks import (copy_edit_type, check_images_exist, check_part, entry_error, field, generated_texts,
                      read_json_as, require_known, str_list, unique_ids)
 
 
@@ -68,9 +68,7 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
             q["caption_choices"] = choices
         if target is not None:
             q["target"] = target
-        kind = field(e, "edit_type", str, cap_path, i, optional=True)   # synthetic data only
-        if kind is not None:
-            q["edit_type"] = kind
+        copy_edit_type(e, q, cap_path, i)
         queries.append(q)
     unique_ids((q["query_id"] for q in queries), cap_path, "pairid")
 

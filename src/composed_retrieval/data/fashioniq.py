@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from .base import CIRSplit
-from .checks import (check_images_exist, check_part, field, generated_texts, read_json_as,
+from .checks import (copy_edit_type, check_images_exist, check_part, field, generated_texts, read_json_as,
                      require_known, str_list)
 from .images import IMAGE_EXTENSIONS, detect_extension
 
@@ -97,9 +97,7 @@ def load_fashioniq(root: str | Path, split: str, category: str, image_root: str 
                 q["caption_choices"] = caption_choices(c1, c2)
         if target is not None:
             q["target"] = target
-        kind = field(e, "edit_type", str, cap_path, i, optional=True)   # synthetic data only
-        if kind is not None:
-            q["edit_type"] = kind
+        copy_edit_type(e, q, cap_path, i)
         queries.append(q)
 
     if check_images:
