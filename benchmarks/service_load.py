@@ -116,11 +116,15 @@ def start_server(idx: Path, port: int, args: argparse.Namespace) -> subprocess.P
            "--max-queued", str(args.max_queued), "--request-timeout", str(args.request_timeout),
            "--header-timeout", str(args.header_timeout), "--body-timeout", str(args.body_timeout),
            "--decode-memory-mb", str(args.decode_memory_mb)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody reads fills after 64 KiB of uvicorn warnings
+    # (every slow client logs one) and then blocks the server, which is what stalled earlier runs.
+    log_path = Path(args.work) / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     t_end = time.time() + 120
     while time.time() < t_end:
         if proc.poll() is not None:
-            raise SystemExit(f"cir serve exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"cir serve exited: {log_path.read_text(errors='replace')[-2000:]}")
         try:
             if httpx.get(f"http://{HOST}:{port}/healthz", timeout=1).status_code == 200:
                 return proc
@@ -350,6 +354,19 @@ def run_abuse(port: int, names: list[str], big: bytes, args: argparse.Namespace,
             "healthz_mid_abuse": {k: health.get(k) for k in ("status", "search", "decode") if k in health}}
 
 
+def report(name: str, value: dict, started: float) -> None:
+    """One line per phase as it ends, so a cut run still shows what it measured."""
+    print(f"[{time.perf_counter() - started:6.1f} s] {name}: {json.dumps(value)}", flush=True)
+
+
+def watchdog(deadline_s: float, phase: dict, server: subprocess.Popen) -> None:
+    """Ends the run (exit 3, server killed) when the phases overrun ``deadline_s`` in all."""
+    time.sleep(deadline_s)
+    print(f"deadline of {deadline_s:.0f} s passed during phase {phase['name']!r}; stopping", flush=True)
+    server.kill()
+    os._exit(3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/service_load", help="folder for the gallery, model and index")
@@ -371,6 +388,9 @@ def main() -> int:
     ap.add_argument("--rss-bound-mib", type=float, default=None,
                     help="abuse: peak RSS allowed (default: idle + decode budget + 256 MiB)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for all phases before the run is stopped (default: 6 x --seconds per "
+                         "phase + 180)")
     args = ap.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or set(phases) - {"throughput", "abuse", "burst"}:
@@ -394,6 +414,11 @@ def main() -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    started = time.perf_counter()
+    deadline = args.deadline or 6 * args.seconds * len(phases) + 180
+    threading.Thread(target=watchdog, args=(deadline, phase, server), daemon=True).start()
+    print(f"server up (idle RSS {idle_rss / 1024:.0f} MiB); phases {phases}, deadline {deadline:.0f} s",
+          flush=True)
     result: dict = {"gallery_images": len(names), "cpus": os.cpu_count(),
                     "limits": {"max_concurrent": args.max_concurrent, "max_queued": args.max_queued,
                                "request_timeout_s": args.request_timeout, "header_timeout_s": args.header_timeout,
@@ -406,14 +431,17 @@ def main() -> int:
             load = run_load(port, names, uploads, args.clients, args.seconds, args.max_requests, args.seed)
             load["clients"] = args.clients
             result["throughput"] = load
+            report("throughput", load, started)
             ok &= load["failed"] == 0
         if "abuse" in phases:
             result["abuse"] = run_abuse(port, names, big, args, phase)
+            report("abuse", result["abuse"], started)
             ok &= all(result["abuse"][k][p]["failed"] == 0 for k in ("baseline", "under_abuse")
                       for p in ("page", "search"))
         if "burst" in phases:
             phase["name"] = "burst"
             result["burst"] = run_burst(port, big, args.decode_clients)
+            report("burst", result["burst"], started)
             ok &= set(result["burst"]["answers"]) == {"200"}
     finally:
         sampling.set()

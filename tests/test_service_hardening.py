@@ -262,6 +262,79 @@ def test_decode_budget_holds_under_concurrency():
     assert released.is_set() and capped.used == 0
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_pixels_are_decoded_only_inside_the_decode_gate(tmp_path, monkeypatch, fmt):
+    """Reading the orientation must not decode: PNG's getexif loads the whole image, which ran
+    outside the budget (8 uploads of a 6300x6300 PNG peaked at +1.2 GiB on a 512 MiB budget)."""
+    from PIL import ImageFile
+    path, plain = tmp_path / f"im.{fmt.lower()}", tmp_path / f"plain.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                   # rotated 90 degrees
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path, fmt, exif=exif.tobytes())
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(plain, fmt)          # no EXIF at all (PNG: getexif loads)
+    inside = {"gate": False, "loads_outside": 0}
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if getattr(self, "_im", None) is None and not inside["gate"]:
+            inside["loads_outside"] += 1
+        return real_load(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def gate(cost):
+        inside["gate"] = True
+        try:
+            yield
+        finally:
+            inside["gate"] = False
+    image = load_image(path, reduce_to=8, gate=gate)
+    width, height = load_image(plain, reduce_to=8, gate=gate).size
+    assert width > height >= 8                                          # reduced, not turned
+    assert inside["loads_outside"] == 0
+    assert image.size[0] < image.size[1]                                # turned upright, once
+
+
+def test_freed_decode_buffers_leave_the_service_process(tmp_path):
+    """Peak resident memory of 8 threads decoding big PNGs on a budget of 2 decodes stays near
+    2 decodes once ``return_big_frees_to_the_os`` runs (with glibc's defaults each thread keeps
+    the last image it decoded); a fresh process, so earlier tests' memory does not count."""
+    import subprocess
+    import sys
+    png = tmp_path / "big.png"
+    png.write_bytes(big_png((3000, 3000)))
+    script = f"""
+import threading
+from PIL import Image
+from composed_retrieval.data.images import decode_cost, load_image
+from composed_retrieval.service.guard import DecodeBudget, return_big_frees_to_the_os
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+assert return_big_frees_to_the_os()
+path = {str(png)!r}
+load_image(path, reduce_to=64)                         # warm: imports and first allocations
+with Image.open(path) as im:
+    one = decode_cost(im)
+budget = DecodeBudget(2 * one, timeout_s=60)
+start = status("VmRSS")
+def work():
+    for _ in range(3):
+        load_image(path, reduce_to=64, gate=budget.hold)
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(start, status("VmHWM"), budget.peak, 4 * 3000 * 3000)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src")))
+    assert out.returncode == 0, out.stderr[-2000:]
+    start, peak, held, pillow_image = (int(v) for v in out.stdout.split())
+    assert held <= 2 * decode_cost(Image.new("RGB", (3000, 3000)))
+    assert peak - start <= 2 * pillow_image + 48 * 2**20, (peak - start) / 2**20   # two decodes, not eight
+
+
 def test_concurrent_big_uploads_stay_within_the_decode_budget(built):
     data = big_png((2500, 2500))
     assert len(data) < 200_000

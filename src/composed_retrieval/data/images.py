@@ -73,12 +73,19 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, *, reduce_t
                 w, h = im.size
                 if w * h > max_pixels:
                     raise DataError(f"image is {w}x{h} pixels, above the limit of {max_pixels}", path)
-                orientation = exif_orientation(im)   # read before draft/reduce, which drop it
+                # Read before draft, which drops the tag (JPEG). PNG's and TIFF's are read after the
+                # load, inside the gate: PNG's getexif decodes the whole image (the eXIf chunk may
+                # follow the pixels; read outside, 8 concurrent 40 Mpx PNGs passed the budget
+                # fourfold), and Pillow turns a TIFF upright itself and drops its tag on load (read
+                # before, a TIFF was rotated twice).
+                orientation = None if im.format in ("PNG", "TIFF") else exif_orientation(im)
                 bg = ALPHA_BACKGROUND if background is None else tuple(background)
                 if reduce_to and im.format == "JPEG":
                     im.draft("RGB", (reduce_to, reduce_to))
                 with gate(decode_cost(im)) if gate else nullcontext():
                     im.load()
+                    if orientation is None:
+                        orientation = exif_orientation(im)
                     factor = min(im.size) // reduce_to if reduce_to else 1
                     if factor < 2:
                         return _orient(_to_rgb(im, bg), orientation)

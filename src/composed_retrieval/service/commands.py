@@ -73,7 +73,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def build_app(args: argparse.Namespace, verify: bool = True):
     """The app and searcher for ``cir serve``'s arguments (each worker of --workers builds its own)."""
     from .app import Limits, create_app
+    from .guard import return_big_frees_to_the_os
     from ..index.search import Searcher
+    return_big_frees_to_the_os()     # each worker process: decode buffers do not stay resident
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars,
                     max_k=args.max_k, max_concurrent=args.max_concurrent, max_queued=args.max_queued,

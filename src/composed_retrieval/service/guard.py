@@ -21,6 +21,7 @@ threads (and the memory they hold) bounded by ``max_concurrent`` however slow re
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import json
 import os
@@ -330,6 +331,25 @@ class DecodeBudget:
 
 class DecodeBusy(Exception):
     pass
+
+
+def return_big_frees_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes or more with mmap, so a freed decode
+    buffer leaves the process at once; False where the C library is not glibc.
+
+    The decode budget bounds the pixels held at once, not what stays resident: with glibc's
+    defaults (an mmap threshold that rises to 32 MiB after the first large free, one heap arena
+    per thread) each worker thread keeps the ~150 MiB of the last 40 Mpx image it decoded.
+    Measured, 8 threads on a budget of 2 decodes of a 6300x6300 PNG: resident peak +600 MiB with
+    the defaults, +305 MiB (the two decodes) with this.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 # ---- header deadline -----------------------------------------------------------------------------
