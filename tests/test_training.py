@@ -180,3 +180,103 @@ def test_unknown_method_options_are_one_line_errors(name, typo):
     with pytest.raises(ConfigError, match=rf"method_config\.{typo}: unknown option for {name}"):
         build_method(name, enc, {typo: 1})
     build_method(name, enc, {"logit_scale": 50.0, "_comment": "keys starting with _ are comments"})
+
+
+# ---- checkpoint writing: in the background, frozen weights linked ------------------------------
+def test_frozen_weights_are_written_once_and_linked(synth_tiny: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that trains only the Combiner keeps the towers in frozen.safetensors, written at
+    the stage's first epoch and hard-linked afterwards; the checkpoint loads to the live weights
+    and a damaged frozen file is refused."""
+    monkeypatch.setattr(ckpt, "FROZEN_SPLIT_MIN_BYTES", 0)     # the tiny towers are small
+    writes: list[str] = []
+    real_write = ckpt.atomic_write
+    monkeypatch.setattr(ckpt, "atomic_write", lambda path, fn: (writes.append(Path(path).name), real_write(path, fn))[1])
+    run = tmp_path / "run"
+    cfg = _cfg(synth_tiny, stages=[{"name": "finetune", "epochs": 1, "lr": 1e-3, "train_image_tower": True,
+                                    "train_text_tower": True}, {"name": "combiner", "epochs": 3, "lr": 1e-3}])
+    trainer = Trainer(cfg, run, progress=False)
+    live: dict[str, torch.Tensor] = {}
+    real_finish = trainer._finish
+
+    def finish(history):                     # the method as training left it
+        live.update({k: v.clone() for k, v in trainer.captured_method.state_dict().items()})
+        return real_finish(history)
+    trainer._finish = finish  # type: ignore[method-assign]
+    real_epoch = trainer._train_epoch
+
+    def train_epoch(method, *a, **k):
+        trainer.captured_method = method     # type: ignore[attr-defined]
+        return real_epoch(method, *a, **k)
+    trainer._train_epoch = train_epoch  # type: ignore[method-assign]
+    trainer.run()
+    meta = json.loads((run / "last" / "checkpoint.json").read_text())
+    assert meta["frozen_weights"]["file"] == "frozen.safetensors"
+    frozen = set(ckpt.load_file(str(run / "last" / "frozen.safetensors")))
+    assert frozen and all(k.startswith("encoder.") for k in frozen)
+    assert not frozen & set(ckpt.load_file(str(run / "last" / "model.safetensors")))
+    # written once a stage: the finetune stage's frozen part is the Combiner it does not train,
+    # the combiner stage's the towers (its 2nd and 3rd epochs and every last/ link them)
+    assert writes.count("frozen.safetensors") == 2, writes
+    assert writes.count("model.safetensors") >= 5
+    best = run / "best" / "frozen.safetensors"
+    if best.is_file():
+        assert best.stat().st_ino == (run / "last" / "frozen.safetensors").stat().st_ino
+    loaded = ckpt.load_weights(run / "last")
+    assert set(loaded) >= set(live) - set(meta["aliases"])
+    assert all(torch.equal(loaded[k], v) for k, v in live.items() if k in loaded)
+    data = bytearray((run / "last" / "frozen.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (run / "last" / "frozen.safetensors").unlink()          # the link: damage this copy only
+    (run / "last" / "frozen.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="frozen weights do not match"):
+        ckpt.load_weights(run / "last")
+
+
+def test_a_snapshot_is_unchanged_by_later_training() -> None:
+    from composed_retrieval.encoders.tiny import TinyEncoder
+    from composed_retrieval.methods.baselines import Sum
+    method = Sum(TinyEncoder(embed_dim=16, image_width=8, text_width=16), {})
+    snap = ckpt.snapshot_method(method)
+    before = {k: v.clone() for k, v in snap.tensors.items()}
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], snap.tensors[k]) for k in before)
+    state = {"m": torch.zeros(3), "history": [{"epoch": 1}]}
+    cloned = ckpt.clone_state(state)
+    state["m"].add_(1)
+    state["history"].append({"epoch": 2})
+    assert torch.equal(cloned["m"], torch.zeros(3)) and cloned["history"] == [{"epoch": 1}]
+
+
+def test_a_failed_background_write_stops_the_run(synth_tiny: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(folder, state):
+        raise OSError(28, "No space left on device", str(folder / "state.pt"))
+    monkeypatch.setattr(ckpt, "save_state", no_space)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="No space"):
+        Trainer(_cfg(synth_tiny), run, progress=False).run()
+    assert not (run / "results.json").exists()
+
+
+def test_curves_png_draws_both_panels_and_stage_boundaries(tmp_path: Path) -> None:
+    from composed_retrieval.train.curves import COLOURS, draw_curves, plot_curves
+    history = [{"epoch": e, "stage": "a" if e < 3 else "b", "loss": 2.0 / e,
+                "val": {"recall@1": 10.0 * e, "recall@5": 20.0 + 5 * e, "recall_subset@1": float("nan")}}
+               for e in range(1, 6)]
+    image = draw_curves(history)
+    assert image.size == (880, 300)
+    pixels = _colours(image)
+    assert COLOURS[0] in pixels and COLOURS[1] in pixels        # the loss/recall@1 and recall@5 lines
+    assert (128, 128, 128) in pixels                           # the dashed stage boundary
+    single = draw_curves(history[:1])                          # one epoch: no zero-width axis
+    assert COLOURS[0] in _colours(single)
+    plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _colours(image) -> set[tuple[int, int, int]]:
+    import numpy as np
+    return {tuple(c) for c in np.asarray(image).reshape(-1, 3).tolist()}

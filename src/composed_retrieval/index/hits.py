@@ -24,8 +24,8 @@ class Hit:
 def model_fingerprint(model: str | Path) -> str | None:
     """The weights hash a checkpoint records, if any (to notice a retrained model later)."""
     try:
-        from ..train.checkpoint import read_checkpoint_meta, resolve_checkpoint
-        return read_checkpoint_meta(resolve_checkpoint(model)).get("weights_sha256")
+        from ..train.checkpoint import read_checkpoint_meta, resolve_checkpoint, weights_fingerprint
+        return weights_fingerprint(read_checkpoint_meta(resolve_checkpoint(model)))
     except Exception:  # no checkpoint module or no hash: nothing to compare against
         return None
 

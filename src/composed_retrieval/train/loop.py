@@ -24,6 +24,7 @@ from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..methods.base import CIRMethod
 from . import checkpoint as ckpt
 from . import distributed
+from .curves import plot_curves
 from .optim import build_optimizer, set_epoch_lr
 from ..cache import FeatureTable, encode_with
 from ..data.pixels import PixelSource
@@ -106,10 +107,6 @@ def validation_source(cfg: dict[str, Any]) -> str:
     return f"the training file {cfg.get('root')} itself (no val_file or val_fraction given)"
 
 
-#: seconds between redraws of curves.png during a run (it is always drawn at the end)
-CURVES_EVERY_S = 60.0
-
-
 class Trainer:
     """Owns one run folder: config.json, metrics.jsonl, curves.png, best/, last/."""
 
@@ -123,7 +120,6 @@ class Trainer:
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
         self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
-        self._curves_at = -math.inf                            # when curves.png was last drawn
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -244,102 +240,119 @@ class Trainer:
         history = list(state["history"]) if state and "history" in state else _read_history(self.metrics_path, global_epoch)
         amp = bool(cfg.get("amp")) and self.device.type == "cuda"
 
-        for stage_index, stage in enumerate(cfg["stages"]):
-            if stage_index < start_stage:
-                continue
-            self._apply_stage(method, stage)
-            train_splits = training_splits(cfg, on_pairs, base_splits, load_once, stage)  # SPN: per-stage positives
-            params = method.trainable_parameters()
-            if not params:
-                raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
-            groups = method.module_groups()
-            trains = sorted({groups[id(p)] for p in params})   # logged: step counts per module
-            optimizer = build_optimizer(method, params, stage,
-                                        float(stage.get("weight_decay", cfg["weight_decay"])))
-            first_epoch = start_epoch if stage_index == start_stage else 0
-            if state is not None and stage_index == start_stage and state.get("optimizer") and first_epoch > 0:
-                optimizer.load_state_dict(state["optimizer"])
-            if first_epoch >= int(stage.get("epochs", 1)):
-                continue
-            train_tables = None if not method.image_tower_frozen else self._train_tables(method, train_splits)
-            if train_tables is None:
-                pixels = [PixelSource(s.all_image_names(), s.image_path,
-                                      method.encoder.image_transform(cfg["preprocess"]),
-                                      cfg["preload_pixels_max_mb"], cfg["num_workers"], self.progress)
-                          for s in train_splits]
-                fns = pixels
-            else:
-                fns = [t.lookup for t in train_tables]
-            datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
-            if on_pairs and not stage.get("spn_negatives"):  # zero-shot hook (see above): pair datasets replace the triplet ones (SPN: not in a bank stage)
-                from .sources import pair_training_data
-                datasets = pair_training_data(cfg, method, self.progress)
-            data = ConcatDataset(datasets)
-            self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step
-            self.ddp = distributed.wrap(method, self.dist, bool(cfg.get("ddp_find_unused_parameters", True))) \
-                if self.dist.active else None
-            if first_epoch == 0 and int(stage.get("epochs", 1)) > 0:
-                # the best checkpoint is the best epoch of the last stage that trains: a
-                # two-stage method is its final stage (a Combiner run must not end up being
-                # its stage-1 sum model because that epoch scored higher)
-                best = -math.inf
-            for epoch in range(first_epoch, int(stage.get("epochs", 1))):
-                t0 = time.time()
-                torch.manual_seed(epoch_seed(cfg["seed"], global_epoch) + distributed.seed_offset(self.dist))
-                for ds in datasets:
-                    ds.set_epoch(global_epoch)
-                gen = torch.Generator().manual_seed(epoch_seed(cfg["seed"], global_epoch))
-                if self.dist.active:  # same global batches as below; each rank takes its slice
-                    loader = DataLoader(data, batch_sampler=distributed.RankSliceBatchSampler(
-                        len(data), cfg["batch_size"], len(data) > cfg["batch_size"], gen,
-                        self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=0)
+        writer = ckpt.CheckpointWriter()   # epoch N's files are written while epoch N+1 trains
+        previous: ckpt.MethodSnapshot | None = None   # its frozen weights are linked, not rewritten
+        try:
+            for stage_index, stage in enumerate(cfg["stages"]):
+                if stage_index < start_stage:
+                    continue
+                self._apply_stage(method, stage)
+                train_splits = training_splits(cfg, on_pairs, base_splits, load_once, stage)  # SPN: per-stage positives
+                params = method.trainable_parameters()
+                if not params:
+                    raise ConfigError(f"stage {stage['name']!r} of method {method.name!r} has nothing to train")
+                groups = method.module_groups()
+                trains = sorted({groups[id(p)] for p in params})   # logged: step counts per module
+                optimizer = build_optimizer(method, params, stage,
+                                            float(stage.get("weight_decay", cfg["weight_decay"])))
+                first_epoch = start_epoch if stage_index == start_stage else 0
+                if state is not None and stage_index == start_stage and state.get("optimizer") and first_epoch > 0:
+                    optimizer.load_state_dict(state["optimizer"])
+                if first_epoch >= int(stage.get("epochs", 1)):
+                    continue
+                train_tables = None if not method.image_tower_frozen else self._train_tables(method, train_splits)
+                if train_tables is None:
+                    pixels = [PixelSource(s.all_image_names(), s.image_path,
+                                          method.encoder.image_transform(cfg["preprocess"]),
+                                          cfg["preload_pixels_max_mb"], cfg["num_workers"], self.progress)
+                              for s in train_splits]
+                    fns = pixels
                 else:
-                    loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
-                                        generator=gen, collate_fn=collate_triplets, num_workers=0)
-                epoch_lr = set_epoch_lr(optimizer, stage, epoch)
-                losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
-                if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
-                    losses = distributed.average(losses)
-                    if not self.dist.is_main:
-                        global_epoch += 1
+                    fns = [t.lookup for t in train_tables]
+                datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
+                if on_pairs and not stage.get("spn_negatives"):  # zero-shot hook (see above): pair datasets replace the triplet ones (SPN: not in a bank stage)
+                    from .sources import pair_training_data
+                    datasets = pair_training_data(cfg, method, self.progress)
+                data = ConcatDataset(datasets)
+                self._spn = spn_stage(self, method, stage, stage_index, train_splits, train_tables)  # SPN hook: None or the bank step
+                self.ddp = distributed.wrap(method, self.dist, bool(cfg.get("ddp_find_unused_parameters", True))) \
+                    if self.dist.active else None
+                if first_epoch == 0 and int(stage.get("epochs", 1)) > 0:
+                    # the best checkpoint is the best epoch of the last stage that trains: a
+                    # two-stage method is its final stage (a Combiner run must not end up being
+                    # its stage-1 sum model because that epoch scored higher)
+                    best = -math.inf
+                for epoch in range(first_epoch, int(stage.get("epochs", 1))):
+                    t0 = time.time()
+                    torch.manual_seed(epoch_seed(cfg["seed"], global_epoch) + distributed.seed_offset(self.dist))
+                    for ds in datasets:
+                        ds.set_epoch(global_epoch)
+                    gen = torch.Generator().manual_seed(epoch_seed(cfg["seed"], global_epoch))
+                    if self.dist.active:  # same global batches as below; each rank takes its slice
+                        loader = DataLoader(data, batch_sampler=distributed.RankSliceBatchSampler(
+                            len(data), cfg["batch_size"], len(data) > cfg["batch_size"], gen,
+                            self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=0)
+                    else:
+                        loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
+                                            generator=gen, collate_fn=collate_triplets, num_workers=0)
+                    epoch_lr = set_epoch_lr(optimizer, stage, epoch)
+                    losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+                    if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
+                        losses = distributed.average(losses)
+                        if not self.dist.is_main:
+                            global_epoch += 1
+                            distributed.barrier()
+                            continue
+                    val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
+                                          cfg["eval_batch_size"], self.device)
+                    record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index,
+                                              "lr": epoch_lr, "trains": trains, **losses,
+                                              "val": val, "headline": headline(val_splits[0].protocol, val)}
+                    for name, splits in extra.items():
+                        record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
+                                                       cfg["eval_batch_size"], self.device)
+                    record["seconds"] = round(time.time() - t0, 2)
+                    record["speed"] = self.last_speed   # train_seconds, steps_per_s, samples_per_s
+                    global_epoch += 1
+                    improved = record["headline"] > best
+                    history.append(record)
+                    # best/ and last/ are each swapped in whole (weights, metadata and, in last/,
+                    # the resume state with the metrics so far), so a crash leaves one epoch's set;
+                    # they are copied now and written while the next epoch trains
+                    if improved:
+                        best = record["headline"]
+                    weights = ckpt.snapshot_method(method, {"epoch": global_epoch, "val": val},
+                                                   split_frozen=True, previous=previous)
+                    previous = weights
+                    resume_state = ckpt.clone_state({
+                        "optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
+                        "stage_index": stage_index, "epoch_in_stage": epoch + 1, "best": best,
+                        "history": history})
+                    writer.submit(lambda improved=improved, weights=weights, resume_state=resume_state:
+                                  self._write_checkpoints(improved, weights, resume_state))
+                    self._write_history(history)
+                    if self.progress:
+                        print(json.dumps({k: record[k] for k in ("epoch", "stage", "loss", "headline")}), flush=True)
+                    if self.dist.active:
                         distributed.barrier()
-                        continue
-                val = evaluate_method(method, val_splits, self.image_table(method, val_splits, "val"),
-                                      cfg["eval_batch_size"], self.device)
-                record: dict[str, Any] = {"epoch": global_epoch + 1, "stage": stage["name"], "stage_index": stage_index,
-                                          "lr": epoch_lr, "trains": trains, **losses,
-                                          "val": val, "headline": headline(val_splits[0].protocol, val)}
-                for name, splits in extra.items():
-                    record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
-                                                   cfg["eval_batch_size"], self.device)
-                record["seconds"] = round(time.time() - t0, 2)
-                record["speed"] = self.last_speed   # train_seconds, steps_per_s, samples_per_s
-                global_epoch += 1
-                improved = record["headline"] > best
-                history.append(record)
-                # best/ and last/ are each swapped in whole (weights, metadata and, in last/,
-                # the resume state with the metrics so far), so a crash leaves one epoch's set
-                if improved:
-                    best = record["headline"]
-                    ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.save_method(
-                        method, d, {"epoch": global_epoch, "val": val}))
-                done_in_stage = epoch + 1
-                next_stage, next_epoch = (stage_index, done_in_stage)
-                resume_state = {"optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
-                                "stage_index": next_stage, "epoch_in_stage": next_epoch, "best": best,
-                                "history": history}
-                ckpt.write_folder(self.run_dir / "last", lambda d: (
-                    ckpt.save_method(method, d, {"epoch": global_epoch, "val": val}),
-                    ckpt.save_state(d, resume_state)))
-                self._write_history(history)
-                if self.progress:
-                    print(json.dumps({k: record[k] for k in ("epoch", "stage", "loss", "headline")}), flush=True)
-                if self.dist.active:
-                    distributed.barrier()
-            start_epoch = 0
-            if state is not None:
-                state = None
+                start_epoch = 0
+                if state is not None:
+                    state = None
+        except BaseException:
+            writer.close(raise_errors=False)   # the files in flight complete; the error propagates
+            raise
+        writer.close()                                   # checkpoints complete before results.json
         return self._finish(history) if self.dist.is_main else {}   # results.json: rank 0's alone
+
+    def _write_checkpoints(self, improved: bool, weights: "ckpt.MethodSnapshot",
+                           resume_state: dict[str, Any]) -> None:
+        """best/ (when the epoch improved) before last/, as a resume replays from last/."""
+        if improved:
+            ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.write_snapshot(weights, d))
+            ckpt.stored_frozen(weights, self.run_dir / "best")      # last/ links it
+        ckpt.write_folder(self.run_dir / "last", lambda d: (ckpt.write_snapshot(weights, d),
+                                                            ckpt.save_state(d, resume_state)))
+        ckpt.stored_frozen(weights, self.run_dir / "last")
 
     # ---- several processes (torchrun): see train/distributed.py ---------------------------
     def _join_process_group(self) -> None:
@@ -430,15 +443,11 @@ class Trainer:
         return out
 
     # ---- outputs --------------------------------------------------------------------------
-    def _write_history(self, history: list[dict[str, Any]], final: bool = False) -> None:
-        """metrics.jsonl every epoch; curves.png at most every CURVES_EVERY_S seconds and at the
-        end (drawing takes ~1 s, which short epochs would otherwise spend on a picture)."""
-        if history:
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-        now = time.monotonic()
-        if not history or (not final and now - self._curves_at < CURVES_EVERY_S):
+    def _write_history(self, history: list[dict[str, Any]]) -> None:
+        """metrics.jsonl and curves.png, every epoch (the Pillow figure takes milliseconds)."""
+        if not history:
             return
-        self._curves_at = now
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         try:
             plot_curves(history, self.run_dir / "curves.png")
         except Exception as exc:  # a plot must never stop training
@@ -447,7 +456,7 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
             return {}
-        self._write_history(history, final=True)
+        self._write_history(history)
         last_stage = max(r.get("stage_index", 0) for r in history)
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
@@ -478,28 +487,3 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     return [r for r in rows if r["epoch"] <= upto_epoch]
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    # the object API with the Agg canvas: no pyplot (its import alone costs seconds), no global state
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..fileio import atomic_write
-
-    epochs = [r["epoch"] for r in history]
-    fig = Figure(figsize=(9, 3.2))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [r["loss"] for r in history], marker="o")
-    ax1.set_xlabel("epoch"); ax1.set_ylabel("training loss"); ax1.grid(alpha=.3)
-    keys = [k for k in ("recall@1", "recall@5", "recall_subset@1", "avg", "avg_recall@10", "map@10") if k in history[0]["val"]]
-    for k in keys:
-        ax2.plot(epochs, [r["val"][k] for r in history], marker="o", label=f"val {k}")
-    ax2.set_xlabel("epoch"); ax2.set_ylabel("percent"); ax2.grid(alpha=.3); ax2.legend(fontsize=7)
-    for i, r in enumerate(history[1:], 1):
-        if r["stage"] != history[i - 1]["stage"]:
-            for ax in (ax1, ax2):
-                ax.axvline(r["epoch"] - 0.5, color="grey", ls="--", lw=.8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
