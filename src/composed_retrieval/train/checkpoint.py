@@ -14,7 +14,7 @@ import pickle
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +51,9 @@ class MethodSnapshot:
     frozen: dict[str, torch.Tensor] | None = None
     frozen_stamp: tuple | None = None
     frozen_from: "MethodSnapshot | None" = None       # an earlier snapshot with the same frozen weights
-    frozen_file: tuple[Path, str] | None = None       # (path, sha256) once a writer has stored it
+    #: file name -> (path, sha256) where a writer stored this snapshot's files: best/ and last/
+    #: of one epoch share them (hard links), and the frozen one is shared on to later epochs
+    stored: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
 
 #: the weights a stage does not train go to their own file from this size on (smaller ones are
@@ -101,40 +103,43 @@ def _copy(v: torch.Tensor) -> torch.Tensor:
 
 def write_snapshot(snapshot: MethodSnapshot, folder: str | Path) -> Path:
     """Write weights then metadata (with the weights' hash) atomically; metadata last, so a
-    folder with a checkpoint.json always has complete weights."""
+    folder with a checkpoint.json always has complete weights. A file this snapshot (or, for
+    the frozen weights, an earlier one sharing them) already stored is hard-linked instead."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS, lambda p: save_file(snapshot.tensors, str(p)))
     meta = dict(snapshot.meta)
-    meta["weights_sha256"] = sha256_file(folder / WEIGHTS)
+    meta["weights_sha256"] = _write_part(snapshot, WEIGHTS, snapshot.tensors, folder)
     if snapshot.frozen is not None:
-        meta["frozen_weights"] = {"file": FROZEN, "sha256": _write_frozen(snapshot, folder / FROZEN)}
+        meta["frozen_weights"] = {"file": FROZEN, "sha256": _write_part(snapshot, FROZEN, snapshot.frozen, folder)}
     order = ("format", "method", "method_config", "stage", "encoder_config", "weights_sha256", "aliases")
     atomic_write_json(folder / META, {**{k: meta[k] for k in order}, **meta})
     return folder
 
 
-def _write_frozen(snapshot: MethodSnapshot, path: Path) -> str:
-    """Link the file an earlier snapshot with the same frozen weights wrote, else write it."""
-    source = snapshot.frozen_file or (snapshot.frozen_from.frozen_file if snapshot.frozen_from else None)
+def _write_part(snapshot: MethodSnapshot, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> str:
+    source = snapshot.stored.get(name)
+    if source is None and name == FROZEN and snapshot.frozen_from is not None:
+        source = snapshot.frozen_from.stored.get(FROZEN)
     if source is not None and source[0].is_file():
         try:
-            os.link(source[0], path)
+            os.link(source[0], folder / name)
             return source[1]
         except OSError:
             pass   # no hard links here (another file system, FAT): write the copy
-    atomic_write(path, lambda p: save_file(snapshot.frozen, str(p)))   # type: ignore[arg-type]
-    return sha256_file(path)
+    atomic_write(folder / name, lambda p: save_file(tensors, str(p)))
+    return sha256_file(folder / name)
 
 
-def stored_frozen(snapshot: MethodSnapshot, folder: Path) -> None:
-    """Note where the frozen weights of ``snapshot`` now lie (``folder`` after its swap), so
-    the next snapshot sharing them links that file."""
+def stored_in(snapshot: MethodSnapshot, folder: Path) -> None:
+    """Note that ``folder`` (after its swap into place) holds ``snapshot``'s files, so the
+    next folder of this snapshot, and later snapshots sharing its frozen weights, link them."""
     meta = read_json(folder / META, "checkpoint metadata")
-    frozen = meta.get("frozen_weights") if isinstance(meta, dict) else None
-    if snapshot.frozen is not None and isinstance(frozen, dict):
-        snapshot.frozen_file = (folder / FROZEN, frozen["sha256"])
-        snapshot.frozen_from = None      # the chain ends here: older snapshots can be freed
+    if not isinstance(meta, dict):
+        return
+    snapshot.stored[WEIGHTS] = (folder / WEIGHTS, meta["weights_sha256"])
+    if snapshot.frozen is not None and isinstance(meta.get("frozen_weights"), dict):
+        snapshot.stored[FROZEN] = (folder / FROZEN, meta["frozen_weights"]["sha256"])
+    snapshot.frozen_from = None      # the chain ends here: older snapshots can be freed
 
 
 def weights_fingerprint(meta: dict[str, Any]) -> str | None:

@@ -8,6 +8,7 @@ draws this in a few milliseconds. The figure is a quick look; metrics.jsonl hold
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 PANEL_W, PANEL_H, MARGIN = 440, 300, (56, 16, 18, 40)     # margins: left, right, top, bottom
 
 
+@lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size)
@@ -101,4 +103,4 @@ def draw_curves(history: list[dict[str, Any]]) -> Image.Image:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     image = draw_curves(history)
-    atomic_write(path, lambda p: image.save(p, format="PNG"))
+    atomic_write(path, lambda p: image.save(p, format="PNG", compress_level=1))   # flat colours: small anyway

@@ -120,6 +120,7 @@ class Trainer:
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
         self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
+        self._history_written = 0                              # epochs in metrics.jsonl and curves.png
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -349,10 +350,10 @@ class Trainer:
         """best/ (when the epoch improved) before last/, as a resume replays from last/."""
         if improved:
             ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.write_snapshot(weights, d))
-            ckpt.stored_frozen(weights, self.run_dir / "best")      # last/ links it
+            ckpt.stored_in(weights, self.run_dir / "best")       # last/ links best/'s weight files
         ckpt.write_folder(self.run_dir / "last", lambda d: (ckpt.write_snapshot(weights, d),
                                                             ckpt.save_state(d, resume_state)))
-        ckpt.stored_frozen(weights, self.run_dir / "last")
+        ckpt.stored_in(weights, self.run_dir / "last")
 
     # ---- several processes (torchrun): see train/distributed.py ---------------------------
     def _join_process_group(self) -> None:
@@ -445,8 +446,9 @@ class Trainer:
     # ---- outputs --------------------------------------------------------------------------
     def _write_history(self, history: list[dict[str, Any]]) -> None:
         """metrics.jsonl and curves.png, every epoch (the Pillow figure takes milliseconds)."""
-        if not history:
+        if not history or self._history_written == len(history):
             return
+        self._history_written = len(history)
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         try:
             plot_curves(history, self.run_dir / "curves.png")
