@@ -3,9 +3,9 @@
 Toolkit: ``train.loop.Trainer.run`` on a generated user-format dataset (JSONL + photo-sized
 JPEGs), from the first training step to the end of the run: data loading (pixels or cached
 features, collation, tokenisation, device copies), progress/logging, and every epoch's
-checkpoints (best/ and last/), metrics.jsonl and curves.png. Validation is left out (its cost
-depends on the split, not on the loop): the time spent in evaluation is subtracted. The run's
-final curves.png is inside the timed part (~1 s: a short benchmark run pays it visibly).
+checkpoints (best/ and last/, written by the loop's background writer; the run waits for the
+last one), metrics.jsonl and curves.png. Validation is left out (its cost depends on the split,
+not on the loop): the time spent in evaluation is subtracted.
 Bare: the same method object, optimizer and autocast, ``forward + backward + clip + step`` on
 one batch that is already on the device, as many steps. One run each, side by side.
 

@@ -281,3 +281,23 @@ def test_curves_png_draws_both_panels_and_stage_boundaries(tmp_path: Path) -> No
 def _colours(image) -> set[tuple[int, int, int]]:
     import numpy as np
     return {tuple(c) for c in np.asarray(image).reshape(-1, 3).tolist()}
+
+
+def test_decoding_workers_give_the_same_run(synth_tiny: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pixels too large to preload are decoded per step, by num_workers processes when asked:
+    the same batches, so the same weights as decoding in-process."""
+    from composed_retrieval.train import loop
+    used: list[int] = []
+    real = loop.DataLoader
+    monkeypatch.setattr(loop, "DataLoader", lambda *a, **k: (used.append(k.get("num_workers", 0)), real(*a, **k))[1])
+    stages = [{"name": "finetune", "epochs": 1, "lr": 1e-3, "train_image_tower": True, "train_text_tower": True}]
+    runs = {}
+    for workers in (0, 1):
+        run = tmp_path / f"w{workers}"
+        Trainer(_cfg(synth_tiny, stages=stages, preload_pixels_max_mb=0, num_workers=workers), run,
+                progress=False).run()
+        runs[workers] = _weights(run)
+    assert used == [0, 1]                                   # the training loaders (in-process, one worker)
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -270,6 +270,12 @@ class Trainer:
                     fns = pixels
                 else:
                     fns = [t.lookup for t in train_tables]
+                # a split too large to keep decoded in memory decodes from disk every step: there
+                # the config's num_workers decode in worker processes (the datasets draw their
+                # random choices from (seed, epoch, index), so workers give the same batches);
+                # preloaded pixels and cached features are cheaper in-process than through IPC
+                workers = int(cfg["num_workers"]) if train_tables is None and any(
+                    p.pixels is None for p in pixels) else 0
                 datasets = [TripletDataset(s, fn, seed=cfg["seed"]) for s, fn in zip(train_splits, fns)]
                 if on_pairs and not stage.get("spn_negatives"):  # zero-shot hook (see above): pair datasets replace the triplet ones (SPN: not in a bank stage)
                     from .sources import pair_training_data
@@ -292,10 +298,10 @@ class Trainer:
                     if self.dist.active:  # same global batches as below; each rank takes its slice
                         loader = DataLoader(data, batch_sampler=distributed.RankSliceBatchSampler(
                             len(data), cfg["batch_size"], len(data) > cfg["batch_size"], gen,
-                            self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=0)
+                            self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=workers)
                     else:
                         loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
-                                            generator=gen, collate_fn=collate_triplets, num_workers=0)
+                                            generator=gen, collate_fn=collate_triplets, num_workers=workers)
                     epoch_lr = set_epoch_lr(optimizer, stage, epoch)
                     losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
                     if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
