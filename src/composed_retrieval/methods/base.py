@@ -153,6 +153,42 @@ def read_options(method: str, config: dict[str, Any], defaults: dict[str, Any]) 
     return out
 
 
+class CaLaLoss:
+    """CaLa's loss, shared by its CLIP and BLIP-2 variants (``cala.py``, ``cala_blip2.py``):
+    ``w_hca * CE(reason) + (1 - w_hca) * CE(w_tac * align + (1 - w_tac) * match)``, each term
+    only when its switch is on and its weight positive (CaLa's ``blip_fine_tune.py``)."""
+
+    options: dict[str, Any]
+
+    @property
+    def uses_tac(self) -> bool:
+        return self.options["tac"] and self.options["w_tac"] > 0
+
+    @property
+    def uses_hca(self) -> bool:
+        return self.options["hca"] and self.options["w_hca"] > 0
+
+    def mix_losses(self, logits_match: torch.Tensor, logits_align: torch.Tensor | None,
+                   logits_reason: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The loss and every term's CE (detached, for metrics.jsonl)."""
+        from ..losses import diagonal_cross_entropy
+        o = self.options
+        out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
+        logits = logits_match
+        if logits_align is not None:
+            out["align"] = diagonal_cross_entropy(logits_align.detach())
+            logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
+        contrastive = diagonal_cross_entropy(logits)
+        out["contrastive"] = contrastive.detach()
+        loss = contrastive
+        if logits_reason is not None:
+            reasoning = diagonal_cross_entropy(logits_reason)
+            out["reasoning"] = reasoning.detach()
+            loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive
+        out["loss"] = loss
+        return out
+
+
 def check_weight(method: str, key: str, value: float, upper_open: bool = False) -> None:
     if not 0.0 <= value <= 1.0 or (upper_open and value == 1.0):
         bound = "[0, 1)" if upper_open else "[0, 1]"

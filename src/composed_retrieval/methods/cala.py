@@ -50,8 +50,7 @@ from torch import nn
 from ..encoders.base import EncoderPair, Features
 from ..errors import ConfigError
 from ..gather import gather_rows   # identity outside a multi-process global batch
-from ..losses import diagonal_cross_entropy
-from .base import (CIRMethod, check_fusion, check_weight, excluding, read_options, require_tokens,
+from .base import (CaLaLoss, CIRMethod, check_fusion, check_weight, excluding, read_options, require_tokens,
                    sum_compose)
 from .combiner import CombinerNet
 from .hca import HingeCrossAttention
@@ -63,7 +62,7 @@ ALIGN_FEATURES = ("normalized", "raw")
 
 
 @register_method("cala")
-class CaLa(CIRMethod):
+class CaLa(CaLaLoss, CIRMethod):
     """Query compositor trained with matching, complementary text reasoning and text-bridged
     image alignment."""
 
@@ -98,14 +97,6 @@ class CaLa(CIRMethod):
         self.combiner = (CombinerNet(d, o["projection_dim"], o["hidden_dim"], o["dropout"])
                          if o["compositor"] == "combiner" else None)
 
-    @property
-    def uses_tac(self) -> bool:
-        return self.options["tac"] and self.options["w_tac"] > 0
-
-    @property
-    def uses_hca(self) -> bool:
-        return self.options["hca"] and self.options["w_hca"] > 0
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         unused: list[nn.Module] = []
         if not self.uses_tac:
@@ -133,18 +124,12 @@ class CaLa(CIRMethod):
         text_vec = self._unit(text.pooled.float())
 
         logits_match = o["match_scale"] * self.compose(reference, text) @ gather_rows(target_vec).t()
-        out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
-        logits = logits_match
+        logits_align = logits_reason = None
         if self.uses_tac:
             require_tokens(reference, "reference image", self.name)
             require_tokens(target, "target image", self.name)
             fused = self.tac(reference.tokens.float(), target.tokens.float(), reference.mask, target.mask)
             logits_align = o["align_scale"] * text_vec @ gather_rows(self._unit(fused)).t()
-            out["align"] = diagonal_cross_entropy(logits_align.detach())
-            logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
-        contrastive = diagonal_cross_entropy(logits)
-        out["contrastive"] = contrastive.detach()
-        loss = contrastive
         if self.uses_hca:
             require_tokens(reference, "reference image", self.name)
             require_tokens(target, "target image", self.name)
@@ -153,8 +138,4 @@ class CaLa(CIRMethod):
                                      reference.mask, text.mask if o["hca_text_mask"] else None, target.mask)
             reference_vec = self._unit(reference.pooled.float())
             logits_reason = o["reason_scale"] * self._unit(pseudo_target) @ gather_rows(reference_vec).t()
-            reasoning = diagonal_cross_entropy(logits_reason)
-            out["reasoning"] = reasoning.detach()
-            loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive
-        out["loss"] = loss
-        return out
+        return self.mix_losses(logits_match, logits_align, logits_reason)

@@ -50,8 +50,7 @@ from torch import nn
 
 from ..encoders.base import EncoderPair, Features, require_multimodal
 from ..gather import gather_rows   # identity outside a multi-process global batch
-from ..losses import diagonal_cross_entropy
-from .base import CIRMethod, check_weight, excluding, read_options
+from .base import CaLaLoss, CIRMethod, check_weight, excluding, read_options
 from .hca import HingeCrossAttention
 from .registry import register_method
 from .tac import TwinAttentionCompositor
@@ -66,7 +65,7 @@ class EncodedText(Features):
 
 
 @register_method("cala_blip2")
-class CaLaBlip2(CIRMethod):
+class CaLaBlip2(CaLaLoss, CIRMethod):
     """Textual, multimodal and visual Q-Formers trained with CaLa's three relations."""
 
     DEFAULTS: dict[str, Any] = {
@@ -91,14 +90,6 @@ class CaLaBlip2(CIRMethod):
                                            share_layers=o["tac_share_layers"])
         self.hca = HingeCrossAttention(encoder.image_token_dim, encoder.text_token_dim, d,
                                        dropout=o["hca_dropout"], query=o["hca_query"])
-
-    @property
-    def uses_tac(self) -> bool:
-        return self.options["tac"] and self.options["w_tac"] > 0
-
-    @property
-    def uses_hca(self) -> bool:
-        return self.options["hca"] and self.options["w_hca"] > 0
 
     # ---- what trains --------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -151,24 +142,14 @@ class CaLaBlip2(CIRMethod):
         target_vec = self.gallery_embedding(target)
 
         logits_match = o["match_scale"] * self._query(multimodal, text) @ gather_rows(target_vec).t()
-        out: dict[str, torch.Tensor] = {"match": diagonal_cross_entropy(logits_match.detach())}
-        logits = logits_match
+        logits_align = logits_reason = None
         if self.uses_tac:
             fused = self.tac(reference.tokens.float(), target.tokens.float())
             text_vec = F.normalize(text.pooled.float(), dim=-1)
             logits_align = o["align_scale"] * text_vec @ gather_rows(F.normalize(fused, dim=-1)).t()
-            out["align"] = diagonal_cross_entropy(logits_align.detach())
-            logits = o["w_tac"] * logits_align + (1 - o["w_tac"]) * logits_match
-        contrastive = diagonal_cross_entropy(logits)
-        out["contrastive"] = contrastive.detach()
-        loss = contrastive
         if self.uses_hca:
             pseudo_target = self.hca(multimodal.tokens.float(), text.tokens.float(), target.tokens.float(),
                                      None, text.mask, None)
             reference_vec = F.normalize(multimodal.pooled.float(), dim=-1)
             logits_reason = o["reason_scale"] * F.normalize(pseudo_target, dim=-1) @ gather_rows(reference_vec).t()
-            reasoning = diagonal_cross_entropy(logits_reason)
-            out["reasoning"] = reasoning.detach()
-            loss = o["w_hca"] * reasoning + (1 - o["w_hca"]) * contrastive
-        out["loss"] = loss
-        return out
+        return self.mix_losses(logits_match, logits_align, logits_reason)
