@@ -35,36 +35,39 @@ STATE = "state.pt"
 
 
 @dataclass
+class FrozenPart:
+    """The weights a stage does not train (a frozen tower: 600 MB for ViT-B-32), written once
+    when the stage starts and hard-linked into each of its checkpoints as ``frozen.safetensors``.
+    Rewriting them twice an epoch made a Combiner stage on a frozen ViT-B-32 spend its time
+    writing files, not training."""
+    keys: frozenset[str]
+    stamp: tuple          # (name, storage, in-place version) of each: a change shows
+    path: Path
+    sha256: str
+
+
+@dataclass
 class MethodSnapshot:
     """A method's weights copied at one moment (CPU tensors of its own), with the metadata that
     rebuilds it: what ``save_method`` writes, taken apart so the writing can run in the
-    background while training changes the live weights.
-
-    ``frozen``: the weights this stage does not train, kept apart (``frozen.safetensors``) when
-    the training loop asks for it. A frozen tower is the same from epoch to epoch, so a later
-    snapshot whose frozen tensors are unchanged (same storage, same in-place version counter)
-    shares this one's copy and its file is linked, not written again: without that, a Combiner
-    stage on a frozen ViT-B-32 rewrote 600 MB twice an epoch for a few ms of training.
-    """
+    background while training changes the live weights. With ``frozen`` the weights it names
+    are not copied; its file is linked."""
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
-    frozen: dict[str, torch.Tensor] | None = None
-    frozen_stamp: tuple | None = None
-    frozen_from: "MethodSnapshot | None" = None       # an earlier snapshot with the same frozen weights
-    #: file name -> (path, sha256) where a writer stored this snapshot's files: best/ and last/
-    #: of one epoch share them (hard links), and the frozen one is shared on to later epochs
+    frozen: FrozenPart | None = None
+    #: file name -> (path, sha256) where a writer stored this snapshot's weights: last/ links
+    #: the file best/ got in the same epoch
     stored: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
 
-#: the weights a stage does not train go to their own file from this size on (smaller ones are
+#: the weights a stage does not train get their own file from this size on (smaller ones are
 #: cheaper to rewrite than to track)
 FROZEN_SPLIT_MIN_BYTES = 16 * 2**20
 
 
-def snapshot_method(method: CIRMethod, extra: dict[str, Any] | None = None,
-                    split_frozen: bool = False, previous: MethodSnapshot | None = None) -> MethodSnapshot:
-    trained = {p.data_ptr() for p in method.parameters() if p.requires_grad} if split_frozen else set()
-    live, frozen_live, aliases = {}, {}, {}
+def _unique_state(method: CIRMethod) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor once, and the names that alias another."""
+    state, aliases = {}, {}
     first_of: dict[tuple, str] = {}
     for k, v in method.state_dict().items():
         # a module registered under two names (e.g. a hooked sub-module) shares its tensors;
@@ -75,9 +78,32 @@ def snapshot_method(method: CIRMethod, extra: dict[str, Any] | None = None,
             continue
         if key is not None:
             first_of[key] = k
-        (frozen_live if split_frozen and v.data_ptr() not in trained else live)[k] = v
-    if sum(v.numel() * v.element_size() for v in frozen_live.values()) < FROZEN_SPLIT_MIN_BYTES:
-        live, frozen_live = {**live, **frozen_live}, {}
+        state[k] = v
+    return state, aliases
+
+
+def _stamp(state: dict[str, torch.Tensor], keys: frozenset[str]) -> tuple:
+    return tuple((k, state[k].data_ptr(), state[k]._version) for k in sorted(keys) if k in state)
+
+
+def store_frozen(method: CIRMethod, path: Path) -> FrozenPart | None:
+    """Write the weights that no parameter being trained shares (``requires_grad`` as the stage
+    set it), or None when they are too few to be worth a file of their own."""
+    trained = {p.data_ptr() for p in method.parameters() if p.requires_grad}
+    state, _ = _unique_state(method)
+    frozen = {k: v for k, v in state.items() if v.data_ptr() not in trained}
+    if sum(v.numel() * v.element_size() for v in frozen.values()) < FROZEN_SPLIT_MIN_BYTES:
+        return None
+    atomic_write(path, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in frozen.items()}, str(p)))
+    keys = frozenset(frozen)
+    return FrozenPart(keys, _stamp(state, keys), path, sha256_file(path))
+
+
+def snapshot_method(method: CIRMethod, extra: dict[str, Any] | None = None,
+                    frozen: FrozenPart | None = None) -> MethodSnapshot:
+    state, aliases = _unique_state(method)
+    if frozen is not None and (_stamp(state, frozen.keys) != frozen.stamp or not frozen.path.is_file()):
+        frozen = None          # changed in place since the stage began (or gone): copy them all
     meta = {
         "format": "composed-retrieval-checkpoint/1",
         "method": method.name,
@@ -87,14 +113,8 @@ def snapshot_method(method: CIRMethod, extra: dict[str, Any] | None = None,
         "aliases": aliases,
         **copy.deepcopy(extra or {}),
     }
-    snap = MethodSnapshot({k: _copy(v) for k, v in live.items()}, meta)
-    if frozen_live:
-        snap.frozen_stamp = tuple((k, v.data_ptr(), v._version) for k, v in frozen_live.items())
-        if previous is not None and previous.frozen is not None and previous.frozen_stamp == snap.frozen_stamp:
-            snap.frozen, snap.frozen_from = previous.frozen, previous
-        else:
-            snap.frozen = {k: _copy(v) for k, v in frozen_live.items()}
-    return snap
+    skip = frozen.keys if frozen is not None else frozenset()
+    return MethodSnapshot({k: _copy(v) for k, v in state.items() if k not in skip}, meta, frozen)
 
 
 def _copy(v: torch.Tensor) -> torch.Tensor:
@@ -103,43 +123,39 @@ def _copy(v: torch.Tensor) -> torch.Tensor:
 
 def write_snapshot(snapshot: MethodSnapshot, folder: str | Path) -> Path:
     """Write weights then metadata (with the weights' hash) atomically; metadata last, so a
-    folder with a checkpoint.json always has complete weights. A file this snapshot (or, for
-    the frozen weights, an earlier one sharing them) already stored is hard-linked instead."""
+    folder with a checkpoint.json always has complete weights. Files already on disk (the
+    stage's frozen weights, the weights best/ got this epoch) are hard-linked."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(snapshot.meta)
-    meta["weights_sha256"] = _write_part(snapshot, WEIGHTS, snapshot.tensors, folder)
+    source = snapshot.stored.get(WEIGHTS)
+    if source is None or not _link(source[0], folder / WEIGHTS):
+        atomic_write(folder / WEIGHTS, lambda p: save_file(snapshot.tensors, str(p)))
+        source = (folder / WEIGHTS, sha256_file(folder / WEIGHTS))
+    meta["weights_sha256"] = source[1]
     if snapshot.frozen is not None:
-        meta["frozen_weights"] = {"file": FROZEN, "sha256": _write_part(snapshot, FROZEN, snapshot.frozen, folder)}
+        if not _link(snapshot.frozen.path, folder / FROZEN):
+            atomic_write(folder / FROZEN, lambda p: shutil.copyfile(snapshot.frozen.path, p))  # type: ignore[union-attr]
+        meta["frozen_weights"] = {"file": FROZEN, "sha256": snapshot.frozen.sha256}
     order = ("format", "method", "method_config", "stage", "encoder_config", "weights_sha256", "aliases")
     atomic_write_json(folder / META, {**{k: meta[k] for k in order}, **meta})
     return folder
 
 
-def _write_part(snapshot: MethodSnapshot, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> str:
-    source = snapshot.stored.get(name)
-    if source is None and name == FROZEN and snapshot.frozen_from is not None:
-        source = snapshot.frozen_from.stored.get(FROZEN)
-    if source is not None and source[0].is_file():
-        try:
-            os.link(source[0], folder / name)
-            return source[1]
-        except OSError:
-            pass   # no hard links here (another file system, FAT): write the copy
-    atomic_write(folder / name, lambda p: save_file(tensors, str(p)))
-    return sha256_file(folder / name)
+def _link(source: Path, path: Path) -> bool:
+    try:
+        os.link(source, path)
+        return True
+    except OSError:
+        return False   # gone, or no hard links here (another file system, FAT): write a copy
 
 
 def stored_in(snapshot: MethodSnapshot, folder: Path) -> None:
-    """Note that ``folder`` (after its swap into place) holds ``snapshot``'s files, so the
-    next folder of this snapshot, and later snapshots sharing its frozen weights, link them."""
+    """Note that ``folder`` (after its swap into place) holds ``snapshot``'s weights, so its
+    next folder (last/ after best/) links them."""
     meta = read_json(folder / META, "checkpoint metadata")
-    if not isinstance(meta, dict):
-        return
-    snapshot.stored[WEIGHTS] = (folder / WEIGHTS, meta["weights_sha256"])
-    if snapshot.frozen is not None and isinstance(meta.get("frozen_weights"), dict):
-        snapshot.stored[FROZEN] = (folder / FROZEN, meta["frozen_weights"]["sha256"])
-    snapshot.frozen_from = None      # the chain ends here: older snapshots can be freed
+    if isinstance(meta, dict):
+        snapshot.stored[WEIGHTS] = (folder / WEIGHTS, meta["weights_sha256"])
 
 
 def weights_fingerprint(meta: dict[str, Any]) -> str | None:

@@ -107,6 +107,10 @@ def validation_source(cfg: dict[str, Any]) -> str:
     return f"the training file {cfg.get('root')} itself (no val_file or val_fraction given)"
 
 
+#: a stage's frozen weights while it trains (``checkpoint.FrozenPart``), removed at the end
+FROZEN_PREFIX = ".frozen-stage"
+
+
 class Trainer:
     """Owns one run folder: config.json, metrics.jsonl, curves.png, best/, last/."""
 
@@ -133,8 +137,8 @@ class Trainer:
         if saved.exists() and self.resume and started:
             for sub in ("best", "last"):  # finish or undo a checkpoint swap cut by a crash
                 ckpt.recover_folder(self.run_dir / sub)
-            for tmp in self.run_dir.glob(".*.tmp"):  # atomic_write temporaries of a killed run
-                tmp.unlink(missing_ok=True)
+            for tmp in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob(f"{FROZEN_PREFIX}*")]:
+                tmp.unlink(missing_ok=True)      # temporaries of a killed run
             old = read_json(saved, "run config")
             if not isinstance(old, dict) or _comparable(merge(DEFAULTS, old)) != _comparable(self.cfg):
                 raise ConfigError(f"run folder {self.run_dir} holds a run with a different config; "
@@ -242,7 +246,6 @@ class Trainer:
         amp = bool(cfg.get("amp")) and self.device.type == "cuda"
 
         writer = ckpt.CheckpointWriter()   # epoch N's files are written while epoch N+1 trains
-        previous: ckpt.MethodSnapshot | None = None   # its frozen weights are linked, not rewritten
         try:
             for stage_index, stage in enumerate(cfg["stages"]):
                 if stage_index < start_stage:
@@ -261,6 +264,9 @@ class Trainer:
                     optimizer.load_state_dict(state["optimizer"])
                 if first_epoch >= int(stage.get("epochs", 1)):
                     continue
+                # the weights this stage does not train: written once now, linked into its checkpoints
+                frozen = ckpt.store_frozen(method, self.run_dir / f"{FROZEN_PREFIX}{stage_index}.safetensors") \
+                    if self.dist.is_main else None
                 train_tables = None if not method.image_tower_frozen else self._train_tables(method, train_splits)
                 if train_tables is None:
                     pixels = [PixelSource(s.all_image_names(), s.image_path,
@@ -328,9 +334,7 @@ class Trainer:
                     # they are copied now and written while the next epoch trains
                     if improved:
                         best = record["headline"]
-                    weights = ckpt.snapshot_method(method, {"epoch": global_epoch, "val": val},
-                                                   split_frozen=True, previous=previous)
-                    previous = weights
+                    weights = ckpt.snapshot_method(method, {"epoch": global_epoch, "val": val}, frozen)
                     resume_state = ckpt.clone_state({
                         "optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
                         "stage_index": stage_index, "epoch_in_stage": epoch + 1, "best": best,
@@ -349,6 +353,8 @@ class Trainer:
             writer.close(raise_errors=False)   # the files in flight complete; the error propagates
             raise
         writer.close()                                   # checkpoints complete before results.json
+        for stale in self.run_dir.glob(f"{FROZEN_PREFIX}*"):  # best/ and last/ hold links to what they need
+            stale.unlink(missing_ok=True)
         return self._finish(history) if self.dist.is_main else {}   # results.json: rank 0's alone
 
     def _write_checkpoints(self, improved: bool, weights: "ckpt.MethodSnapshot",
