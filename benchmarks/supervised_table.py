@@ -22,10 +22,11 @@ headline (R@5 + Rsubset@1)/2; val and held-out figures are that epoch's.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
-from table_runner import (ROOT, common_args, edit_type_table, ensure_data, paired, run_experiments,
+from table_runner import (ROOT, common_args, edit_type_table, edit_types, ensure_data, paired, run_experiments,
                           table)
 
 CONFIGS = ROOT / "src" / "composed_retrieval" / "configs"
@@ -82,6 +83,27 @@ def steps_table(out: Path, names: list[str], seed: int) -> str:
     return "\n".join(rows)
 
 
+def transfer(results: dict[str, list[dict]], a: str, b: str) -> str:
+    """Why a val gain of ``a`` over ``b`` may not reach held-out: the val difference, the same
+    difference with val's per-type recalls weighted by held-out's type mix (held-out has no
+    remove or size edits), and the held-out difference, per seed. The first gap is the type mix;
+    the second what the unseen colour-shape combinations of held-out cost."""
+    if a not in results or b not in results:
+        return "-"
+    cells: list[tuple[float, float, float]] = []
+    for ra, rb in zip(results[a], results[b]):
+        kinds = [k for k in edit_types({"x": [ra]}, "heldout") if f"edit_type/{k}/recall@1" in ra["val"]]
+        counts = {k: ra["heldout"][f"edit_type/{k}/queries"] for k in kinds}
+        if not kinds:
+            return "-"
+        mixed = sum(counts[k] * (ra["val"][f"edit_type/{k}/recall@1"] - rb["val"][f"edit_type/{k}/recall@1"])
+                    for k in kinds) / sum(counts.values())
+        cells.append((ra["val"]["recall@1"] - rb["val"]["recall@1"], mixed,
+                      ra["heldout"]["recall@1"] - rb["heldout"]["recall@1"]))
+    cols = list(zip(*cells))
+    return " | ".join(" / ".join(f"{v:+.1f}" for v in col) + f" (mean {statistics.mean(col):+.1f})" for col in cols)
+
+
 def main() -> None:
     parser = common_args(__doc__)
     parser.set_defaults(out="runs/supervised_table")
@@ -100,6 +122,9 @@ def main() -> None:
              "| claim | val R@1, paired by seed | held-out R@1, paired by seed |", "|---|---|---|"]
     lines += [f"| {a} - {b} | {paired(results, a, b, 'val')} | {paired(results, a, b, 'heldout')} |"
               for a, b in CLAIMS]
+    lines += ["", "val gain vs the Combiner, and how much of it reaches held-out (R@1, paired by seed):", "",
+              "| row | val | val, held-out's edit-type mix | held-out |", "|---|---|---|---|"]
+    lines += [f"| {name} - combiner | {transfer(results, name, 'combiner')} |" for name in results if name != "combiner"]
     for split in ("val", "heldout"):
         by_type = edit_type_table(results, split)
         if by_type:
