@@ -302,3 +302,16 @@ def test_decoding_workers_give_the_same_run(synth_tiny: Path, tmp_path: Path,
     assert used == [0, 1]                                   # the training loaders (in-process, one worker)
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_the_checkpoint_writer_runs_at_the_lowest_priority() -> None:
+    """Its serialising and hashing must not take cores from torch's threads (Linux: per-thread
+    niceness); the trainer's own threads keep theirs."""
+    import os
+    import threading
+    seen: dict[str, int] = {}
+    writer = ckpt.CheckpointWriter()
+    writer.submit(lambda: seen.update(nice=os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    writer.close()
+    assert seen["nice"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19

@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -182,6 +183,18 @@ def clone_state(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def _lowest_priority() -> None:
+    """The writer thread at nice 19 (Linux niceness is per thread): serialising and hashing a
+    checkpoint on a core that torch's threads use would stall their parallel regions (a
+    preempted thread holds up the rest at the next barrier); at the lowest priority it takes
+    the gaps. Unchanged where the OS does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class CheckpointWriter:
     """Writes a run's checkpoints on one background thread, so the next epoch trains while the
     previous one's files are serialised, hashed and fsynced (train_speed.py: on short epochs the
@@ -197,7 +210,8 @@ class CheckpointWriter:
     def submit(self, job: Callable[[], Any]) -> None:
         self.wait()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                            initializer=_lowest_priority)
         self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
