@@ -269,3 +269,19 @@ def test_interrupted_rank_resumes_its_shard(synth_tiny: Path, tmp_path: Path) ->
     assert int(Path(f"{out}.embedded.0").read_text()) == one.count - len(kept)
     meta = json.loads((out / "index.json").read_text())
     assert meta["count"] == one.count and not (out / "partial").exists()
+
+
+def test_a_partial_folder_with_only_a_plan_being_written_is_ours(tmp_path: Path) -> None:
+    """Ranks start a sharded build at once: one rank's plan.json temporary must not make the
+    other refuse the folder as "not written by cir index" (seen under load)."""
+    from composed_retrieval.errors import ConfigError
+    from composed_retrieval.index.store import PartialBuild
+    build = PartialBuild(tmp_path / "idx", tag="r1")
+    build.folder.mkdir(parents=True)
+    (build.folder / ".plan.json.x1y2.tmp").write_text("{")
+    build.check_plan({"model": "m", "gallery": "g"})
+    assert json.loads((build.folder / "plan.json").read_text()) == {"model": "m", "gallery": "g"}
+    (build.folder / "plan.json").unlink()
+    (build.folder / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match="not written by `cir index`"):
+        build.check_plan({"model": "m", "gallery": "g"})

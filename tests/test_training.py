@@ -310,8 +310,9 @@ def test_the_checkpoint_writer_runs_at_the_lowest_priority() -> None:
     import os
     import threading
     seen: dict[str, int] = {}
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     writer = ckpt.CheckpointWriter()
     writer.submit(lambda: seen.update(nice=os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
     writer.close()
     assert seen["nice"] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before   # (CI may run niced)

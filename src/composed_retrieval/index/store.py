@@ -197,9 +197,11 @@ class PartialBuild:
     def check_plan(self, plan: dict[str, Any]) -> None:
         """Start a new partial build or verify that the one on disk used the same model/gallery."""
         path = self.folder / "plan.json"
-        if self.folder.is_dir() and not path.is_file() and any(self.folder.iterdir()):
+        if self.folder.is_dir() and not path.is_file() and any(
+                not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.folder.iterdir()):
             # a folder the toolkit did not write (its plan.json is its marker): clear() would
-            # delete it, so refuse instead
+            # delete it, so refuse instead. Another rank's plan.json still being written (its
+            # atomic_write temporary) is ours: under load, rank 1 saw rank 0's and refused.
             raise ConfigError(f"{self.folder} exists but was not written by `cir index` (no plan.json); "
                               f"move it away or choose another --out", self.folder)
         if self.folder.exists() and not self.folder.is_dir():
