@@ -15,7 +15,7 @@ import shutil
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,9 +56,9 @@ class MethodSnapshot:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     frozen: FrozenPart | None = None
-    #: file name -> (path, sha256) where a writer stored this snapshot's weights: last/ links
-    #: the file best/ got in the same epoch
-    stored: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    weights_sha256: str | None = None      # set by the first write
+    #: where a folder of this snapshot now holds its weights: last/ links the file best/ got
+    stored_at: Path | None = None
 
 
 #: the weights a stage does not train get their own file from this size on (smaller ones are
@@ -129,11 +129,10 @@ def write_snapshot(snapshot: MethodSnapshot, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(snapshot.meta)
-    source = snapshot.stored.get(WEIGHTS)
-    if source is None or not _link(source[0], folder / WEIGHTS):
+    if snapshot.stored_at is None or snapshot.weights_sha256 is None or not _link(snapshot.stored_at, folder / WEIGHTS):
         atomic_write(folder / WEIGHTS, lambda p: save_file(snapshot.tensors, str(p)))
-        source = (folder / WEIGHTS, sha256_file(folder / WEIGHTS))
-    meta["weights_sha256"] = source[1]
+        snapshot.weights_sha256 = sha256_file(folder / WEIGHTS)
+    meta["weights_sha256"] = snapshot.weights_sha256
     if snapshot.frozen is not None:
         if not _link(snapshot.frozen.path, folder / FROZEN):
             atomic_write(folder / FROZEN, lambda p: shutil.copyfile(snapshot.frozen.path, p))  # type: ignore[union-attr]
@@ -154,9 +153,7 @@ def _link(source: Path, path: Path) -> bool:
 def stored_in(snapshot: MethodSnapshot, folder: Path) -> None:
     """Note that ``folder`` (after its swap into place) holds ``snapshot``'s weights, so its
     next folder (last/ after best/) links them."""
-    meta = read_json(folder / META, "checkpoint metadata")
-    if isinstance(meta, dict):
-        snapshot.stored[WEIGHTS] = (folder / WEIGHTS, meta["weights_sha256"])
+    snapshot.stored_at = folder / WEIGHTS
 
 
 def weights_fingerprint(meta: dict[str, Any]) -> str | None:
@@ -221,13 +218,10 @@ class CheckpointWriter:
 
     def close(self, raise_errors: bool = True) -> None:
         try:
+            self.wait()
+        except Exception:
             if raise_errors:
-                self.wait()
-            else:
-                try:
-                    self.wait()
-                except Exception:
-                    pass   # an error is already on its way out; the write's own is secondary
+                raise      # else an error is already on its way out; the write's own is secondary
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -294,32 +288,27 @@ def load_into(method: CIRMethod, state: dict[str, torch.Tensor], path: Path, str
 def load_weights(folder: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint folder, refusing truncated or tampered files."""
     meta = read_checkpoint_meta(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError("checkpoint weights file is missing", weights)
-    if verify and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
-        raise CheckpointError("checkpoint weights do not match the hash in checkpoint.json "
-                              "(truncated or modified)", weights)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"unreadable checkpoint weights ({exc})", weights) from None
+    state = _read_weights(folder / WEIGHTS, meta.get("weights_sha256") or None, verify, "weights")
     frozen = meta.get("frozen_weights")
     if frozen is not None:
-        path = folder / FROZEN
-        if not path.is_file():
-            raise CheckpointError("checkpoint's frozen weights file is missing", path)
-        if verify and sha256_file(path) != frozen["sha256"]:
-            raise CheckpointError("checkpoint frozen weights do not match the hash in checkpoint.json "
-                                  "(truncated or modified)", path)
-        try:
-            more = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"unreadable checkpoint weights ({exc})", path) from None
+        more = _read_weights(folder / FROZEN, frozen["sha256"], verify, "frozen weights")
         if set(more) & set(state):
-            raise CheckpointError("frozen weights repeat names of the trained ones", path)
+            raise CheckpointError("frozen weights repeat names of the trained ones", folder / FROZEN)
         state.update(more)
     return state
+
+
+def _read_weights(path: Path, sha256: str | None, verify: bool, label: str) -> dict[str, torch.Tensor]:
+    """One weight file of a checkpoint, checked against its recorded hash (None: none recorded)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {label} file is missing", path)
+    if verify and sha256 is not None and sha256_file(path) != sha256:
+        raise CheckpointError(f"checkpoint {label} do not match the hash in checkpoint.json "
+                              "(truncated or modified)", path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable checkpoint weights ({exc})", path) from None
 
 
 def load_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMethod:
