@@ -261,10 +261,17 @@ def test_pretrain_checkpoint_loads_as_encoder_weights(synth, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), fresh.state_dict().values()))
 
 
-def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
+def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys, monkeypatch):
     """phi on a CIRCO-format folder (annotations + COCO unlabeled ids): every query is scored
-    with mAP@K; with 6 gallery images both ground truths of a query lie in the top 50."""
+    with mAP@K; with 6 gallery images both ground truths of a query lie in the top 50. The
+    temporary feature cache of a call without one is removed, also when the call fails."""
+    import tempfile
+
     from fixtures_data import write_circo_fixture
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     from composed_retrieval.cli import main
     from composed_retrieval.zeroshot.commands import evaluate_zeroshot
@@ -281,6 +288,11 @@ def test_circo_zero_shot_path_runs_on_circo_format(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == set(got) | {"model", "gallery"} and 0.0 < printed["map@50"] <= 100.0
     assert printed["gallery"]["reference_removed"] is False and printed["model"]["encoder"]["name"] == "tiny"
+    for command in (["zeroshot-eval", "--method", "image_only"], ["eval", "--encoder", "tiny", "--method", "sum"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--random-weights", "--dataset", "circo", "--root", str(tmp_path / "circo"),
+                  "--split", "no_such_split", "--device", "cpu", "--quiet"])
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("cir-")] == []
 
 
 # ---- masking direction: complementary pairs by default (issue 13) ---------------------------

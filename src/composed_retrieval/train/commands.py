@@ -139,9 +139,13 @@ class _EvalSetup:
                 cfg[key] = getattr(args, key)
         cfg["device"] = args.device
         self.split = args.split or (default_split if default_split != "val" else cfg["val_split"])
-        self.method = model_from_args(args, resolve_device(args.device))
-        self.splits = load_data(cfg, self.split, training=False)
-        self.trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+        try:    # a bad model or dataset must not leave the temporary cache behind
+            self.method = model_from_args(args, resolve_device(args.device))
+            self.splits = load_data(cfg, self.split, training=False)
+            self.trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+        except BaseException:
+            self.close()
+            raise
         self.cfg = cfg
 
     def close(self) -> None:
