@@ -69,23 +69,20 @@ def evaluate_zeroshot(method: Any, dataset: str, root: str, split: str, image_ro
     from .evaluate import zeroshot_evaluate
 
     cfg = merge(DEFAULTS, {"dataset": dataset, "root": root, "image_root": image_root, "device": device})
-    import shutil
+    import contextlib
     import tempfile
 
     # the feature cache lives beside the trainer's run folder: a temporary one (removed at the
-    # end) unless given
-    tmp = None if cache_dir else tempfile.mkdtemp(prefix="cir-zeroshot-")
-    try:
-        trainer = Trainer(cfg, Path(cache_dir or tmp) / "eval", progress=progress)
+    # end, also on an error) unless given, as api.evaluate does
+    with (contextlib.nullcontext(cache_dir) if cache_dir else
+          tempfile.TemporaryDirectory(prefix="cir-zeroshot-", ignore_cleanup_errors=True)) as base:
+        trainer = Trainer(cfg, Path(base) / "eval", progress=progress)
         method = method.to(trainer.device)
         splits = load_data(cfg, split, training=False)
         if not splits[0].has_targets:
             raise ConfigError(f"split {split!r} has no targets; zero-shot evaluation needs a validation split")
         tables = trainer.image_table(method, splits, f"zeroshot-{split}")
         return zeroshot_evaluate(method, splits, tables, cfg["eval_batch_size"], trainer.device, both_orders)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_zeroshot_eval(args: argparse.Namespace) -> int:
