@@ -174,18 +174,16 @@ def run_kind(kind: str, work: Path, f32: np.memmap, f16: np.memmap, queries: np.
     if kind == "flat" and vectors_file.stat().st_size > args.ram_limit:
         count = min(count, 10)      # every query reads the whole file from disk: a few suffice
         row["note"] = "vectors file larger than --ram-limit: exact search reads it from disk per query"
+    tune_q = queries[: min(200, len(queries))]
+    score = lambda: recall(search(tune_q, args.k)[1], truth[: len(tune_q)])  # noqa: E731
     if kind in faiss_index.IVF_KINDS:       # smallest nprobe of the ladder that reaches the target
         ivf = faiss.extract_index_ivf(engine)
-        nprobe, tune_q = 1, queries[: min(200, len(queries))]
-        while True:
-            ivf.nprobe = nprobe
-            r = recall(search(tune_q, args.k)[1], truth[: len(tune_q)])
-            if r >= args.recall_target or nprobe >= ivf.nlist:
-                break
-            nprobe = min(nprobe * 2, ivf.nlist)
+        nprobe, _ = faiss_index.tune_ladder(lambda v: setattr(ivf, "nprobe", v), 1, ivf.nlist, score, args.recall_target)
         row["params"] = {**params, "nprobe": nprobe}
-    elif kind == "hnsw":
-        engine.hnsw.efSearch = int(params["ef_search"])
+    elif kind == "hnsw":                    # the same for efSearch, from the default
+        ef, _ = faiss_index.tune_ladder(lambda v: setattr(engine.hnsw, "efSearch", v), int(params["ef_search"]),
+                                        faiss_index.MAX_EF_SEARCH, score, args.recall_target)
+        row["params"] = {**params, "ef_search": ef}
     times, ids = timed_queries(search, queries[:count], args.k)
     ms = np.asarray(times) * 1000
     row.update({"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),

@@ -8,11 +8,14 @@ last one), metrics.jsonl and curves.png. Validation is left out (its cost depend
 not on the loop): the time spent in evaluation is subtracted. The weights a stage does not train
 (a frozen tower) are written once when the stage starts, before its first step, like the
 feature cache; the time is printed beside the ratio.
-Bare: the same method object, optimizer and autocast, ``forward + backward + clip + step`` on
-one batch that is already on the device, as many steps. Both clocks start after one untimed
-step (the toolkit's first optimizer step, the bare loop's warm-up step). One run each, side by
-side; ``--repeats N`` runs every case N times and reports the median ratio (the bare loop alone
-moves 5-20 % between runs on 2 shared cores).
+Bare: a copy of the same method and optimizer (made after the first epoch), with the same
+autocast, ``forward + backward + clip + step`` on one batch that is already on the device. It
+runs right after each toolkit epoch for as many steps, off the toolkit's clock (a checkpoint
+still being written is waited for first, on the toolkit's clock), so each epoch is paired with
+a bare segment a second away: the bare loop alone drifts 30 % within one process on these 2
+shared cores, and two runs one after the other measured that drift, not the loop. Both clocks
+start after one untimed step (the toolkit's first optimizer step, the bare loop's warm-up
+step). ``--repeats N`` runs every case N times and reports the median ratio.
 
 Cases: each ``--models`` entry with the towers trained (``finetune`` stage, pixels) and frozen
 (``combiner`` stage, cached features). Epoch length matters for the checkpoint cadence: an
@@ -25,7 +28,7 @@ epoch here is ``--steps`` steps (each epoch writes two checkpoints, as a real ru
 from __future__ import annotations
 
 import argparse
-import inspect
+import copy
 import json
 import sys
 import tempfile
@@ -76,14 +79,21 @@ def sync(device: torch.device) -> None:
 
 
 class TimedTrainer(loop.Trainer):
-    """The real Trainer; it only notes when training starts, how long evaluation takes, and
-    keeps the method, optimizer and one device batch for the bare loop."""
+    """The real Trainer; it notes when training starts and how long evaluation takes, and after
+    each of its epochs runs the bare loop for as many steps on a copy of the method and
+    optimizer (that pause is off the toolkit's clock). Pairing each epoch with its bare segment
+    cancels the drift of these 2 shared cores over a run (the bare loop alone moves 30 % within
+    one process), which two runs one after the other do not."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.first_step_at: float | None = None
         self.eval_seconds = 0.0
+        self.paused_seconds = 0.0
+        self.bare_seconds = 0.0
+        self.bare_steps = 0
         self.captured: dict[str, Any] = {}
+        self.writers: list[ckpt.CheckpointWriter] = []
 
     def _train_epoch(self, method, loader, optimizer, amp, stage, global_epoch):  # type: ignore[no-untyped-def]
         if self.first_step_at is None and "hook" not in self.captured:
@@ -94,8 +104,14 @@ class TimedTrainer(loop.Trainer):
                     sync(self.device)
                     self.first_step_at = time.perf_counter()
             self.captured["hook"] = optimizer.register_step_post_hook(started)
-        self.captured.update(method=method, optimizer=optimizer, amp=amp)
-        return super()._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+        out = super()._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
+        sync(self.device)
+        for writer in self.writers:   # a checkpoint still being written is the toolkit's time
+            writer.wait()
+        paused = time.perf_counter()
+        self._bare_segment(method, optimizer, amp, out["steps"])
+        self.paused_seconds += time.perf_counter() - paused
+        return out
 
     def _to_device(self, method, batch):  # type: ignore[no-untyped-def]
         out = super()._to_device(method, batch)
@@ -110,6 +126,42 @@ class TimedTrainer(loop.Trainer):
             return super().image_table(method, splits, role)
         finally:
             self.eval_seconds += time.perf_counter() - t0
+
+    def _bare_segment(self, method, optimizer, amp: bool, steps: int) -> None:  # type: ignore[no-untyped-def]
+        """forward + backward + clip + step on one batch already on the device: the same
+        method class, weights, optimizer and autocast, on a copy made after the first epoch
+        (the run's own training is untouched)."""
+        if "bare" not in self.captured:
+            self.captured["bare"] = (method, optimizer, method.trainable_parameters())
+            steps -= 1                 # the toolkit's first step is off its clock: warm up instead
+            first = True
+        else:
+            first = False
+        bare_method, bare_optimizer, params = self.captured["bare"]
+        batch = self.captured["batch"]
+        clip = float(self.cfg["grad_clip"]) if self.cfg.get("grad_clip") else None
+        bare_method.train()
+        if bare_method.image_tower_frozen:
+            bare_method.encoder.eval()
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = bare_method(batch)
+            bare_optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            bare_optimizer.step()
+
+        if first:
+            step()
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(self.device)
+        self.bare_seconds += time.perf_counter() - t0
+        self.bare_steps += steps
 
 
 def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp: Path) -> tuple[float, float, int]:
@@ -130,8 +182,13 @@ def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp
         finally:
             trainer.eval_seconds += time.perf_counter() - t0
 
+    class Writer(ckpt.CheckpointWriter):
+        def __init__(self) -> None:
+            super().__init__()
+            trainer.writers.append(self)
+
     runner.evaluate_method = timed_evaluate   # the loop imports it from the module at run time
-    store_frozen = ckpt.store_frozen
+    store_frozen, writer_class = ckpt.store_frozen, ckpt.CheckpointWriter
     frozen_s = [0.0]
 
     def timed_store_frozen(*a: Any, **kw: Any) -> Any:
@@ -141,43 +198,20 @@ def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp
         finally:
             frozen_s[0] += time.perf_counter() - t0
 
-    ckpt.store_frozen = timed_store_frozen
+    ckpt.store_frozen, ckpt.CheckpointWriter = timed_store_frozen, Writer
     try:
         trainer.run()
     finally:
         runner.evaluate_method = evaluate
-        ckpt.store_frozen = store_frozen
+        ckpt.store_frozen, ckpt.CheckpointWriter = store_frozen, writer_class
     args.frozen_s = frozen_s[0]
     sync(trainer.device)
-    toolkit_s = time.perf_counter() - trainer.first_step_at - trainer.eval_seconds  # type: ignore[operator]
+    toolkit_s = time.perf_counter() - trainer.first_step_at - trainer.eval_seconds - trainer.paused_seconds  # type: ignore[operator]
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     steps = sum(r["steps"] for r in rows) - 1    # the first step is before the clock starts
-
-    c = trainer.captured
-    method, optimizer, batch, amp = c["method"], c["optimizer"], c["batch"], c["amp"]
-    params = method.trainable_parameters()
-    clip = float(cfg["grad_clip"]) if cfg.get("grad_clip") else None
-    method.train()
-    if method.image_tower_frozen:
-        method.encoder.eval()
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = method(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-
-    step()   # warm-up
-    sync(trainer.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(trainer.device)
-    bare_s = time.perf_counter() - t0
-    return toolkit_s, bare_s, steps
+    if trainer.bare_steps != steps:
+        raise RuntimeError(f"bare loop ran {trainer.bare_steps} steps, the toolkit {steps}")
+    return toolkit_s, trainer.bare_seconds, steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,6 +285,23 @@ def test_recall_at_k_matches_a_hand_computation():
     assert faiss_index.choose_kind(49_999) == "flat" and faiss_index.choose_kind(50_000) == "ivf"
 
 
+def test_hnsw_ef_search_is_tuned_to_the_recall_target():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((3000, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    # a sparse graph searched with the smallest beam misses neighbours: the ladder must climb
+    engine = faiss_index.build_engine(v, "hnsw", {"M": 4, "ef_construction": 16, "ef_search": 1})
+    start = faiss_index.recall_at_k(engine, v, k=10, sample=200, seed=2)
+    assert start < 0.9
+    ef, recall = faiss_index.tune_ef_search(engine, v, target=0.9, sample=200, seed=2)
+    assert recall >= 0.9 and engine.hnsw.efSearch == ef and ef in (10, 20, 40, 80, 160, 320, 640, 1024)
+    engine.hnsw.efSearch = ef // 2                          # the first rung that reaches it
+    assert ef == 10 or faiss_index.recall_at_k(engine, v, k=10, sample=200, seed=2) < 0.9
+    engine.hnsw.efSearch = 10
+    ef, recall = faiss_index.tune_ef_search(engine, v, target=1.01, sample=200, seed=2, limit=64)
+    assert ef == 64                                         # an unreachable target stops at the limit
+
+
 def test_ivf_nprobe_is_tuned_to_the_recall_target(tmp_path):
     gallery = tmp_path / "gallery"
     make_gallery(gallery, n=12)
@@ -310,6 +327,9 @@ def test_approximate_index_reports_recall_and_searches(tmp_path, kind, params):
     assert any("recall@10" in line for line in logs)
     data = read_index(tmp_path / "idx")
     assert data.meta["recall_at_10"] == 1.0 and data.engine_path.is_file()
+    if kind == "hnsw":   # the tuned efSearch (the ladder's first rung here) is stored and applied
+        assert data.meta["params"]["ef_search"] == 64
+        assert Searcher.open(tmp_path / "idx").index.engine.hnsw.efSearch == 64
     flat = build_index(tmp_path / "flat", gallery, model, **_quiet())
     assert flat.recall_at_10 is None
     a, b = Searcher.open(tmp_path / "idx"), Searcher.open(tmp_path / "flat")

@@ -292,6 +292,9 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: Any =
         if chosen in faiss_index.IVF_KINDS and "nprobe" not in (params or {}):
             engine_params["nprobe"], recall = faiss_index.tune_nprobe(
                 engine, vectors, target=recall_target, sample=RECALL_SAMPLE, search_fn=search_fn)
+        elif chosen == "hnsw" and "ef_search" not in (params or {}):
+            engine_params["ef_search"], recall = faiss_index.tune_ef_search(
+                engine, vectors, target=recall_target, sample=RECALL_SAMPLE)
         else:
             recall = faiss_index.recall_at_k(search_fn or engine, vectors, k=10, sample=RECALL_SAMPLE)
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "

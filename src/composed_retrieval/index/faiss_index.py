@@ -36,6 +36,8 @@ PQ_M = (256, 192, 160, 128, 96, 80, 64, 48, 32, 16, 8, 4)
 ADD_CHUNK = 100_000
 #: candidates of a PQ engine re-scored exactly from the stored vectors (0: off)
 DEFAULT_RERANK = 100
+# HNSW's efSearch ladder stops here: past it a search costs about what IVF-Flat's does
+MAX_EF_SEARCH = 1024
 
 
 def choose_kind(n: int, kind: str = "auto") -> str:
@@ -355,6 +357,19 @@ def recall_at_k(index: faiss.Index | SearchFn, vectors: Any, k: int = 10, sample
     return RecallProbe(vectors, k, sample, seed).recall(index)
 
 
+def tune_ladder(set_value: Callable[[int], None], start: int, stop: int, score: Callable[[], float],
+            target: float) -> tuple[int, float]:
+    """Smallest value in a doubling ladder from ``start`` (capped at ``stop``) whose score
+    reaches ``target``; the value is left set."""
+    value = max(1, min(int(start), int(stop)))
+    while True:
+        set_value(value)
+        got = score()
+        if got >= target or value >= stop:
+            return value, got
+        value = min(value * 2, int(stop))
+
+
 def tune_nprobe(index: faiss.Index, vectors: Any, target: float = 0.95, k: int = 10,
                 sample: int = 1000, seed: int = 0, search_fn: SearchFn | None = None) -> tuple[int, float]:
     """Smallest nprobe in a doubling ladder (from the current one) whose recall@k on a sample of
@@ -363,13 +378,19 @@ def tune_nprobe(index: faiss.Index, vectors: Any, target: float = 0.95, k: int =
     ``search_fn`` scores another search path over ``index`` (re-ranking)."""
     ivf = faiss.extract_index_ivf(index)
     probe = RecallProbe(vectors, k, sample, seed)
-    nprobe = max(1, int(ivf.nprobe))
-    while True:
-        ivf.nprobe = nprobe
-        recall = probe.recall(search_fn or index)
-        if recall >= target or nprobe >= ivf.nlist:
-            return nprobe, recall
-        nprobe = min(nprobe * 2, int(ivf.nlist))
+    return tune_ladder(lambda v: setattr(ivf, "nprobe", v), int(ivf.nprobe), int(ivf.nlist),
+                   lambda: probe.recall(search_fn or index), target)
+
+
+def tune_ef_search(index: faiss.Index, vectors: Any, target: float = 0.95, k: int = 10,
+                   sample: int = 1000, seed: int = 0, limit: int = MAX_EF_SEARCH) -> tuple[int, float]:
+    """HNSW's counterpart of ``tune_nprobe``: the smallest efSearch in a doubling ladder (from
+    the current one, at least k) whose recall@k reaches ``target``, at most ``limit``. A fixed
+    efSearch reaches a different recall on every gallery (0.91 at 1M x 256, 0.85 at 1M x 640
+    in docs/search.md), so it is measured like nprobe."""
+    probe = RecallProbe(vectors, k, sample, seed)
+    return tune_ladder(lambda v: setattr(index.hnsw, "efSearch", v), max(int(index.hnsw.efSearch), k), limit,
+                   lambda: probe.recall(index), target)
 
 
 def save_engine(index: faiss.Index, path: str | Path) -> Path:
