@@ -8,12 +8,13 @@ last one), metrics.jsonl and curves.png. Validation is left out (its cost depend
 not on the loop): the time spent in evaluation is subtracted. The weights a stage does not train
 (a frozen tower) are written once when the stage starts, before its first step, like the
 feature cache; the time is printed beside the ratio.
-Bare: a copy of the same method and optimizer (made after the first epoch), with the same
-autocast, ``forward + backward + clip + step`` on one batch that is already on the device. It
+Bare: the run's own method and optimizer, with the same autocast, ``forward + backward + clip + step`` on one batch that is already on the device. It
 runs right after each toolkit epoch for as many steps, off the toolkit's clock (a checkpoint
 still being written is waited for first, on the toolkit's clock), so each epoch is paired with
 a bare segment a second away: the bare loop alone drifts 30 % within one process on these 2
-shared cores, and two runs one after the other measured that drift, not the loop. Both clocks
+shared cores, and two runs one after the other measured that drift, not the loop. (The bare
+steps train the run's model further, so its metrics are not a clean run's; a copy of the
+model instead made both loops slower, their working sets evicting each other from the caches.) Both clocks
 start after one untimed step (the toolkit's first optimizer step, the bare loop's warm-up
 step). ``--repeats N`` runs every case N times and reports the median ratio.
 
@@ -28,7 +29,6 @@ epoch here is ``--steps`` steps (each epoch writes two checkpoints, as a real ru
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -80,8 +80,8 @@ def sync(device: torch.device) -> None:
 
 class TimedTrainer(loop.Trainer):
     """The real Trainer; it notes when training starts and how long evaluation takes, and after
-    each of its epochs runs the bare loop for as many steps on a copy of the method and
-    optimizer (that pause is off the toolkit's clock). Pairing each epoch with its bare segment
+    each of its epochs runs the bare loop for as many steps on the same method and optimizer
+    (that pause is off the toolkit's clock). Pairing each epoch with its bare segment
     cancels the drift of these 2 shared cores over a run (the bare loop alone moves 30 % within
     one process), which two runs one after the other do not."""
 
@@ -128,9 +128,8 @@ class TimedTrainer(loop.Trainer):
             self.eval_seconds += time.perf_counter() - t0
 
     def _bare_segment(self, method, optimizer, amp: bool, steps: int) -> None:  # type: ignore[no-untyped-def]
-        """forward + backward + clip + step on one batch already on the device: the same
-        method class, weights, optimizer and autocast, on a copy made after the first epoch
-        (the run's own training is untouched)."""
+        """forward + backward + clip + step on one batch already on the device, with the run's
+        method, optimizer and autocast."""
         if "bare" not in self.captured:
             self.captured["bare"] = (method, optimizer, method.trainable_parameters())
             steps -= 1                 # the toolkit's first step is off its clock: warm up instead
