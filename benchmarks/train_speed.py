@@ -8,15 +8,16 @@ last one), metrics.jsonl and curves.png. Validation is left out (its cost depend
 not on the loop): the time spent in evaluation is subtracted. The weights a stage does not train
 (a frozen tower) are written once when the stage starts, before its first step, like the
 feature cache; the time is printed beside the ratio.
-Bare: the run's own method and optimizer, with the same autocast, ``forward + backward + clip + step`` on one batch that is already on the device. It
-runs right after each toolkit epoch for as many steps, off the toolkit's clock (a checkpoint
-still being written is waited for first, on the toolkit's clock), so each epoch is paired with
-a bare segment a second away: the bare loop alone drifts 30 % within one process on these 2
-shared cores, and two runs one after the other measured that drift, not the loop. (The bare
-steps train the run's model further, so its metrics are not a clean run's; a copy of the
-model instead made both loops slower, their working sets evicting each other from the caches.) Both clocks
-start after one untimed step (the toolkit's first optimizer step, the bare loop's warm-up
-step). ``--repeats N`` runs every case N times and reports the median ratio.
+Bare: the run's own method and optimizer, with the same autocast, ``forward + backward + clip +
+step`` on one batch that is already on the device. It runs right after each toolkit epoch for as
+many steps, off the toolkit's clock (a checkpoint still being written is waited for first, on
+the toolkit's clock), so each epoch is paired with a bare segment a second away: the bare loop
+alone drifts 30 % within one process on these 2 shared cores, and two runs one after the other
+measured that drift, not the loop. (The bare steps train the run's model further, so its metrics
+are not a clean run's; a copy of the model instead made both loops slower, their working sets
+evicting each other from the caches.) Both clocks start after one untimed step (the toolkit's
+first optimizer step, the bare loop's warm-up step). ``--repeats N`` runs every case N times and
+reports the median ratio.
 
 Cases: each ``--models`` entry with the towers trained (``finetune`` stage, pixels) and frozen
 (``combiner`` stage, cached features). Epoch length matters for the checkpoint cadence: an
