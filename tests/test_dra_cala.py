@@ -6,45 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composed_retrieval.encoders.base import EncoderPair, Features
+from composed_retrieval.encoders.base import Features
 from composed_retrieval.errors import ConfigError
 from composed_retrieval.methods.cala import CaLa
 from composed_retrieval.methods.dra import DRA
 from composed_retrieval.methods.hca import HingeCrossAttention
 from composed_retrieval.methods.registry import build_method
 from composed_retrieval.methods.tac import TwinAttentionCompositor
+from fake_encoder import FakeEncoder as BaseFakeEncoder
 
 B, D, D_IMG, D_TXT, L_TXT = 4, 16, 12, 10, 7
 
 
-class FakeEncoder(EncoderPair):
-    """Image: 8x8 pixels -> 4x4 map of D_IMG-wide tokens; text: embedding table, id 0 = padding."""
-
-    embed_dim, image_token_dim, text_token_dim, image_size, slot_token_id = D, D_IMG, D_TXT, 8, 3
-    config: dict = {}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, D_IMG, kernel_size=2, stride=2)
-        self.image_pool = nn.Linear(D_IMG, D)
-        self.words = nn.Embedding(50, D_TXT)
-        self.text_pool = nn.Linear(D_TXT, D)
-
-    def encode_image(self, pixels: torch.Tensor) -> Features:
-        tokens = self.conv(pixels).flatten(2).transpose(1, 2)
-        return Features(self.image_pool(tokens.mean(1)), tokens)
-
-    def encode_text(self, token_ids: torch.Tensor, slot_embeddings: torch.Tensor | None = None) -> Features:
-        mask = token_ids != 0
-        tokens = self.words(token_ids)
-        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return Features(self.text_pool(pooled), tokens, mask)
-
-    def image_parameters(self) -> list[nn.Parameter]:
-        return list(self.conv.parameters()) + list(self.image_pool.parameters())
-
-    def text_parameters(self) -> list[nn.Parameter]:
-        return list(self.words.parameters()) + list(self.text_pool.parameters())
+def FakeEncoder() -> BaseFakeEncoder:
+    """Image: 8x8 pixels -> 4x4 map of D_IMG-wide tokens; text: masked mean of its embeddings."""
+    return BaseFakeEncoder(D, D_IMG, D_TXT)
 
 
 def make_batch(seed: int = 0) -> dict:

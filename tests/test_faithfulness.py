@@ -23,6 +23,7 @@ from composed_retrieval.methods.combiner import CombinerNet
 from composed_retrieval.methods.dra import DRA
 from composed_retrieval.methods.hca import HingeCrossAttention
 from composed_retrieval.methods.tac import TwinAttentionCompositor
+from fake_encoder import FakeEncoder as BaseFakeEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "composed_retrieval" / "configs"
 TOL = 1e-5
@@ -177,33 +178,10 @@ def test_hca_first_query_without_text_mask_matches_public_code():
 D, D_IMG, D_TXT = 16, 24, 16
 
 
-class FakeEncoder(EncoderPair):
-    """4x4 map of D_IMG-wide tokens from 8x8 pixels; text: embedding table (id 0 = padding)."""
-
-    embed_dim, image_token_dim, text_token_dim, image_size, slot_token_id = D, D_IMG, D_TXT, 8, 3
-    config: dict = {}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, D_IMG, kernel_size=2, stride=2)
-        self.image_pool = nn.Linear(D_IMG, D)
-        self.words = nn.Embedding(50, D_TXT)
-        self.text_pool = nn.Linear(D_TXT, D)
-
-    def encode_image(self, pixels: torch.Tensor) -> Features:
-        tokens = self.conv(pixels).flatten(2).transpose(1, 2)
-        return Features(self.image_pool(tokens.mean(1)) * 3.0, tokens)   # raw, not unit-norm
-
-    def encode_text(self, token_ids: torch.Tensor, slot_embeddings: torch.Tensor | None = None) -> Features:
-        mask = token_ids != 0
-        tokens = self.words(token_ids)
-        return Features(self.text_pool(tokens.mean(1)) * 0.5, tokens, mask)
-
-    def image_parameters(self) -> list[nn.Parameter]:
-        return list(self.conv.parameters()) + list(self.image_pool.parameters())
-
-    def text_parameters(self) -> list[nn.Parameter]:
-        return list(self.words.parameters()) + list(self.text_pool.parameters())
+def FakeEncoder() -> BaseFakeEncoder:
+    """4x4 map of D_IMG-wide tokens from 8x8 pixels, text the plain mean of its embeddings;
+    raw features, not unit-norm (image x3, text x0.5), as CaLa's loss sees them."""
+    return BaseFakeEncoder(D, D_IMG, D_TXT, masked_mean=False, image_scale=3.0, text_scale=0.5)
 
 
 def fake_batch(n: int = 6, seed: int = 0) -> dict:
