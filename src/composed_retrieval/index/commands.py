@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
     p.add_argument("--ef-search", type=int, help="HNSW (FAISS or Qdrant): candidate list size per query")
     p.add_argument("--recall-target", type=float, default=0.95,
-                   help="IVF without --nprobe: smallest nprobe reaching this recall@10 vs exact (default 0.95)")
+                   help="IVF without --nprobe / HNSW without --ef-search: the smallest nprobe / efSearch "
+                        "reaching this recall@10 vs exact (default 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_index)
 
