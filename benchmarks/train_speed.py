@@ -93,6 +93,7 @@ class TimedTrainer(loop.Trainer):
         self.paused_seconds = 0.0
         self.bare_seconds = 0.0
         self.bare_steps = 0
+        self.bare_warm = False
         self.captured: dict[str, Any] = {}
         self.writers: list[ckpt.CheckpointWriter] = []
 
@@ -131,27 +132,24 @@ class TimedTrainer(loop.Trainer):
     def _bare_segment(self, method, optimizer, amp: bool, steps: int) -> None:  # type: ignore[no-untyped-def]
         """forward + backward + clip + step on one batch already on the device, with the run's
         method, optimizer and autocast."""
-        if "bare" not in self.captured:
-            self.captured["bare"] = (method, optimizer, method.trainable_parameters())
+        first, self.bare_warm = not self.bare_warm, True
+        if first:
             steps -= 1                 # the toolkit's first step is off its clock: warm up instead
-            first = True
-        else:
-            first = False
-        bare_method, bare_optimizer, params = self.captured["bare"]
+        params = method.trainable_parameters()
         batch = self.captured["batch"]
         clip = float(self.cfg["grad_clip"]) if self.cfg.get("grad_clip") else None
-        bare_method.train()
-        if bare_method.image_tower_frozen:
-            bare_method.encoder.eval()
+        method.train()
+        if method.image_tower_frozen:
+            method.encoder.eval()
 
         def step() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = bare_method(batch)
-            bare_optimizer.zero_grad(set_to_none=True)
+                out = method(batch)
+            optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            bare_optimizer.step()
+            optimizer.step()
 
         if first:
             step()

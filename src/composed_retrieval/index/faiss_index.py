@@ -358,7 +358,7 @@ def recall_at_k(index: faiss.Index | SearchFn, vectors: Any, k: int = 10, sample
 
 
 def tune_ladder(set_value: Callable[[int], None], start: int, stop: int, score: Callable[[], float],
-            target: float) -> tuple[int, float]:
+                target: float) -> tuple[int, float]:
     """Smallest value in a doubling ladder from ``start`` (capped at ``stop``) whose score
     reaches ``target``; the value is left set."""
     value = max(1, min(int(start), int(stop)))
@@ -379,7 +379,7 @@ def tune_nprobe(index: faiss.Index, vectors: Any, target: float = 0.95, k: int =
     ivf = faiss.extract_index_ivf(index)
     probe = RecallProbe(vectors, k, sample, seed)
     return tune_ladder(lambda v: setattr(ivf, "nprobe", v), int(ivf.nprobe), int(ivf.nlist),
-                   lambda: probe.recall(search_fn or index), target)
+                       lambda: probe.recall(search_fn or index), target)
 
 
 def tune_ef_search(index: faiss.Index, vectors: Any, target: float = 0.95, k: int = 10,
@@ -390,7 +390,7 @@ def tune_ef_search(index: faiss.Index, vectors: Any, target: float = 0.95, k: in
     in docs/search.md), so it is measured like nprobe."""
     probe = RecallProbe(vectors, k, sample, seed)
     return tune_ladder(lambda v: setattr(index.hnsw, "efSearch", v), max(int(index.hnsw.efSearch), k), limit,
-                   lambda: probe.recall(index), target)
+                       lambda: probe.recall(index), target)
 
 
 def save_engine(index: faiss.Index, path: str | Path) -> Path:
