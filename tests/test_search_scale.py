@@ -236,3 +236,34 @@ def test_cli_max_memory_picks_a_pq_index_and_add_keeps_it(tmp_path, capsys):
     assert main(["index", "--add", "--out", str(tmp_path / "idx")] + base) == 0
     after = read_index(tmp_path / "idx")
     assert len(after.names) == 41 and after.kind == data.kind and after.meta["params"]["m"] == expected["m"]
+
+
+def test_search_scale_benchmark_streams_exact_search_and_reuses_its_vectors(tmp_path: Path) -> None:
+    """benchmarks/search_scale.py: a kind over --ram-limit is skipped with its estimate, but exact
+    search is not (it streams the mapped file: 10 timed queries); --keep then --reuse opens the
+    same vectors files instead of writing them again and measures the same recall."""
+    import json
+
+    def run(*extra: str) -> list[dict]:
+        out = tmp_path / f"rows{len(list(tmp_path.glob('rows*')))}.jsonl"
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_scale.py"), "--sizes", "3000",
+                               "--dims", "16", "--kinds", "flat,ivfpq", "--queries", "40", "--build-threads", "1",
+                               "--ram-limit", "10K", "--workdir", str(tmp_path / "work"), "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    first = run("--keep")
+    flat, pq = first
+    assert flat["kind"] == "flat" and "skipped" not in flat and flat["queries_timed"] == 10
+    assert flat["recall_at_10"] == 1.0 and "from disk" in flat["note"]
+    assert pq["kind"] == "ivfpq" and "above --ram-limit" in pq["skipped"]
+    vectors = tmp_path / "work" / "3000-16" / "vectors-3000-16.npy"
+    before = vectors.stat()
+    again = run("--reuse")
+    after = vectors.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)   # opened, not rewritten
+    assert again[0]["recall_at_10"] == 1.0 and again[0]["queries_timed"] == 10
+    (vectors.parent / "vectors-3000-16.done").write_text("{}")      # another generation's marker: regenerate
+    run("--reuse")
+    assert vectors.stat().st_mtime_ns != before.st_mtime_ns
