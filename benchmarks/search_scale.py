@@ -87,17 +87,16 @@ def make_gallery(folder: Path, n: int, d: int, seed: int, spread: float = 0.35,
     """Clustered unit vectors written chunk by chunk: float32 [n, d] and its float16 copy. With
     ``reuse``, files a completed earlier generation left (its marker names n, d, seed and spread)
     are opened instead: at 10M x 640 writing them takes ~10 minutes."""
-    marker = folder / f"vectors-{n}-{d}.done"
+    f32_path, f16_path, marker = (folder / f"vectors-{n}-{d}{ext}" for ext in (".npy", ".f16.npy", ".done"))
     stamp = json.dumps({"n": n, "d": d, "seed": seed, "spread": spread})
     if reuse and marker.is_file() and marker.read_text() == stamp:
-        return (np.load(folder / f"vectors-{n}-{d}.npy", mmap_mode="r"),
-                np.load(folder / f"vectors-{n}-{d}.f16.npy", mmap_mode="r"))
+        return np.load(f32_path, mmap_mode="r"), np.load(f16_path, mmap_mode="r")
     marker.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(n // 100, 10), d), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    f32 = np.lib.format.open_memmap(folder / f"vectors-{n}-{d}.npy", mode="w+", dtype=np.float32, shape=(n, d))
-    f16 = np.lib.format.open_memmap(folder / f"vectors-{n}-{d}.f16.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    f32 = np.lib.format.open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(n, d))
+    f16 = np.lib.format.open_memmap(f16_path, mode="w+", dtype=np.float16, shape=(n, d))
     for lo in range(0, n, CHUNK):
         m = min(CHUNK, n - lo)
         block = centres[rng.integers(0, len(centres), m)] \
@@ -237,7 +236,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/cir-search-scale")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--reuse", action="store_true",
-                    help="open the vectors a completed earlier run kept in --workdir (with --keep) instead of generating them")
+                    help="open the vectors a completed earlier run kept in --workdir (with --keep) instead of "
+                         "generating them; the files are kept afterwards")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write one JSON line per result here")
     args = ap.parse_args()

@@ -4,6 +4,7 @@ filling its engine resuming without training again, and `cir serve --workers 2` 
 with Prometheus metrics summed over the workers."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -242,8 +243,6 @@ def test_search_scale_benchmark_streams_exact_search_and_reuses_its_vectors(tmp_
     """benchmarks/search_scale.py: a kind over --ram-limit is skipped with its estimate, but exact
     search is not (it streams the mapped file: 10 timed queries); --keep then --reuse opens the
     same vectors files instead of writing them again and measures the same recall."""
-    import json
-
     def run(*extra: str) -> list[dict]:
         out = tmp_path / f"rows{len(list(tmp_path.glob('rows*')))}.jsonl"
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_scale.py"), "--sizes", "3000",
