@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-decoders", action="store_true",
                     help="also time decoder='pillow'")
+    ap.add_argument("--compare-workers", type=int, default=None,
+                    help="also time the fast decoder with this many DataLoader workers (0: decode in this process)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -118,19 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             pixels = pixels.to(device)
             with torch.inference_mode():  # warm-up (kernel selection, allocator, lazy init)
                 encoder.encode_image(pixels[: args.batch_size])
-            bare, kit, pil = [], [], []
+            bare, kit, pil, alt = [], [], [], []
             other = "pillow"
             for _ in range(args.repeats):
                 bare.append(bare_forward(encoder, pixels, args.batch_size, device))
                 kit.append(toolkit(encoder, names, path_of, transform, args.batch_size, workers, device))
                 if args.compare_decoders:
                     pil.append(toolkit(encoder, names, path_of, transform, args.batch_size, workers, device, other))
+                if args.compare_workers is not None:
+                    alt.append(toolkit(encoder, names, path_of, transform, args.batch_size, args.compare_workers, device))
             bare_ips, kit_ips = args.n / min(bare), args.n / min(kit)
             print(f"[{fmt}] Pillow decode+preprocess alone (1 process): {args.n / decode_s:8.1f} images/s")
             print(f"[{fmt}] bare model forward:                  {bare_ips:8.1f} images/s  (runs: {', '.join(f'{t:.2f}s' for t in bare)})")
             print(f"[{fmt}] toolkit embed_images from files:     {kit_ips:8.1f} images/s  (runs: {', '.join(f'{t:.2f}s' for t in kit)})")
             if pil:
-                print(f"[{fmt}] toolkit, decoder={other!r}:            {args.n / min(pil):8.1f} images/s")
+                print(f"[{fmt}] toolkit, decoder={other!r}:            {args.n / min(pil):8.1f} images/s  "
+                      f"(paired with bare: {statistics.median(b / t for b, t in zip(bare, pil)):.3f})")
+            if alt:
+                print(f"[{fmt}] toolkit, {args.compare_workers} workers:               {args.n / min(alt):8.1f} images/s  "
+                      f"(paired with bare: {statistics.median(b / t for b, t in zip(bare, alt)):.3f}; "
+                      f"runs: {', '.join(f'{t:.2f}s' for t in alt)})")
             paired = [b / k for b, k in zip(bare, kit)]
             ratios[fmt] = statistics.median(paired)
             print(f"[{fmt}] ratio toolkit / bare: {ratios[fmt]:.3f} (median of repeats {', '.join(f'{r:.3f}' for r in paired)}; "

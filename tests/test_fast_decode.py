@@ -60,11 +60,15 @@ def test_decode_file_equals_pillow(tmp_path):
         assert int((fast.int() - ref.int()).abs().max()) == 0, name
 
 
-@pytest.mark.parametrize("kind", ["targetpad", "squarepad", "resize"])
-def test_tensor_preprocess_close_to_pil(kind):
+@pytest.mark.parametrize("kind,resize_mode,interpolation", [
+    ("targetpad", "shortest", "bicubic"), ("squarepad", "shortest", "bicubic"), ("resize", "shortest", "bicubic"),
+    ("resize", "squash", "bilinear"), ("resize", "squash", "bicubic"), ("targetpad", "longest", "bicubic"),
+    ("resize", "longest", "bilinear"), ("resize", "shortest", "bilinear")])
+def test_tensor_preprocess_close_to_pil(kind, resize_mode, interpolation):
     # Pillow rounds to 8 bits between its horizontal and vertical passes, torchvision does not:
-    # nearly all pixels agree within one level, a few near hard edges by up to 3
-    p = Preprocess(kind, 64)
+    # nearly all pixels agree within one level, a few near hard edges by up to 3. Every resize
+    # mode and filter (SigLIP squashes with bilinear) is the fast gallery path's too
+    p = Preprocess(kind, 64, resize_mode=resize_mode, interpolation=interpolation)
     for i, (w, h) in enumerate([(400, 300), (90, 200), (64, 64), (500, 80), (50, 40)]):
         im = _photo(w, h, i)
         ref = torch.from_numpy(np.asarray(p.pil(im)).copy()).permute(2, 0, 1).int()
@@ -136,3 +140,22 @@ def test_gpu_jpeg_branch_assembles_batches_in_name_order(tmp_path):
     ((_, pixels),) = list(embed._on_device(iter([chunk]), p, cpu))
     assert pixels.shape == ref["image"].shape
     assert int((pixels.int() - ref["image"].int()).abs().max()) <= 1
+
+
+def test_uint8_pixel_batches_normalised_per_batch_equal_the_per_image_transform(tmp_path):
+    # the training loop batches PixelSource.uint8 images and normalises each batch where the
+    # model runs; the floats must be the per-image transform's, bit for bit, preloaded or not
+    from composed_retrieval.data.pixels import PixelSource
+
+    names = [f"j{i}.jpg" for i in range(4)]
+    for i, name in enumerate(names):
+        _photo(300 + 20 * i, 200, i).save(tmp_path / name, quality=90)
+    p = Preprocess("targetpad", 64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    ref = torch.stack([p(load_image(tmp_path / n)) for n in names])
+    for preload_mb in (2048, 0):
+        src = PixelSource(names, lambda n: tmp_path / n, p, preload_max_mb=preload_mb, progress=False)
+        assert (src.pixels is None) == (preload_mb == 0)
+        batch = torch.stack([src.uint8(n) for n in names])
+        assert batch.dtype == torch.uint8
+        assert torch.equal(p.normalise(batch), ref)
+        assert torch.equal(torch.stack([src(n) for n in names]), ref)

@@ -247,14 +247,19 @@ class FeatureTable:
 def encode_with(encoder: EncoderPair, names: Sequence[str], pixels: Callable[[str], torch.Tensor],
                 batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True,
                 keep_tokens: bool = True) -> FeatureTable:
-    """Encode images given by a pixel source with the encoder's current weights."""
+    """Encode images given by a pixel source with the encoder's current weights (a
+    ``PixelSource``'s uint8 images are normalised per batch on the device)."""
     names = list(dict.fromkeys(names))
+    raw, normalise = getattr(pixels, "uint8", None), getattr(getattr(pixels, "transform", None), "normalise", None)
     pooled, tokens, masks, vision = [], [], [], []
     was_training = encoder.training
     encoder.eval()
     for start in tqdm(range(0, len(names), batch_size), desc="encode images", disable=not progress, leave=False):
         chunk = names[start:start + batch_size]
-        x = torch.stack([pixels(n) for n in chunk]).to(device)
+        if raw is not None and normalise is not None:
+            x = normalise(torch.stack([raw(n) for n in chunk]).to(device))
+        else:
+            x = torch.stack([pixels(n) for n in chunk]).to(device)
         f = encoder.encode_image(x)
         pooled.append(f.pooled.float().cpu())
         tokens.append(f.tokens.cpu() if keep_tokens else f.tokens[:, :0].cpu())

@@ -42,11 +42,16 @@ class PixelSource:
         self.index = {n: i for i, n in enumerate(names)}
 
     def __call__(self, name: str) -> torch.Tensor:
+        """The normalised float ``[3, S, S]`` the transform gives this image."""
+        return self.transform.normalise(self.uint8(name)[None])[0]
+
+    def uint8(self, name: str) -> torch.Tensor:
+        """The image as uint8 ``[3, S, S]``, before normalisation: the training loop batches
+        these and normalises each batch on its device (``Preprocess.normalise``)."""
         if self.pixels is not None and name in self.index:
-            x = self.pixels[self.index[name]].float().div_(255.0)
-            return TF.normalize(x, self.transform.mean, self.transform.std)
+            return self.pixels[self.index[name]]
         from .images import load_image
-        return self.transform(load_image(self.path_of(name)))
+        return _ToUint8(self.transform)(load_image(self.path_of(name)))
 
 
 class _ToUint8:

@@ -91,10 +91,10 @@ class Preprocess:
         return image.convert("RGB")
 
     def tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """:meth:`pil` on a uint8 ``[3, H, W]`` tensor (CPU or CUDA): the same padding and crop,
-        and torchvision's antialiased bicubic resize, which follows Pillow's filter; Pillow
-        rounds to 8 bits between its two passes, so a few pixels near hard edges differ by up
-        to 3 grey levels, nearly all by at most 1 (tests/test_fast_decode.py)."""
+        """:meth:`pil` on a uint8 ``[3, H, W]`` tensor (CPU or CUDA): the same padding, resize mode
+        and crop, and torchvision's antialiased resize with the same filter, which follows
+        Pillow's; Pillow rounds to 8 bits between its two passes, so a few pixels near hard edges
+        differ by up to 3 grey levels, nearly all by at most 1 (tests/test_fast_decode.py)."""
         from torchvision.transforms.v2 import functional as F2
 
         h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
@@ -105,11 +105,32 @@ class Preprocess:
             hp, vp = square_pad_amounts(w, h)
         if hp or vp:
             pixels = F2.pad(pixels, [hp, vp, hp, vp], fill=0, padding_mode="constant")
-        pixels = F2.resize(pixels, [self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "squash":
+            return F2.resize(pixels, [self.size, self.size], interpolation=mode, antialias=True)
+        if self.resize_mode == "longest":
+            h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
+            scale = self.size / max(w, h)
+            pixels = F2.resize(pixels, [max(1, round(h * scale)), max(1, round(w * scale))],
+                               interpolation=mode, antialias=True)
+            h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
+            left, top = (self.size - w) // 2, (self.size - h) // 2
+            return F2.pad(pixels, [left, top, self.size - w - left, self.size - h - top], fill=0)
+        pixels = F2.resize(pixels, [self.size], interpolation=mode, antialias=True)
         return F2.center_crop(pixels, [self.size, self.size])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return TF.normalize(TF.to_tensor(self.pil(image)), self.mean, self.std)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, S, S]`` (any device) -> the float tensor ``__call__`` gives each image:
+        the same arithmetic as to_tensor + normalize, once per batch. Batches travel as uint8
+        (4x fewer bytes through workers, shared and pinned memory) and become floats where the
+        model runs."""
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=pixels.device).view(shape)
+        std = torch.tensor(self.std, device=pixels.device).view(shape)
+        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
     def key(self) -> str:
         """A string that identifies this preprocessing in cache keys."""
@@ -117,7 +138,10 @@ class Preprocess:
         if (self.resize_mode, self.interpolation, self.mean, self.std) == ("shortest", "bicubic", CLIP_MEAN, CLIP_STD):
             return base   # the key every cache written before model-specific preprocessing used
         stats = ",".join(f"{v:g}" for v in (*self.mean, *self.std))
-        return f"{base}-{self.resize_mode}-{self.interpolation}-{stats}"
+        key = f"{base}-{self.resize_mode}-{self.interpolation}-{stats}"
+        # before this suffix the fast gallery path resized every image "shortest" + bicubic, so
+        # features cached under the old key for another mode or filter are not reused
+        return key if (self.resize_mode, self.interpolation) == ("shortest", "bicubic") else key + "-t2"
 
     def __repr__(self) -> str:
         return f"Preprocess({self.key()})"

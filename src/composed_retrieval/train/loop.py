@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
@@ -107,6 +107,9 @@ def validation_source(cfg: dict[str, Any]) -> str:
     return f"the training file {cfg.get('root')} itself (no val_file or val_fraction given)"
 
 
+#: curves.png is redrawn at most this often (and always at the end of the run)
+CURVES_EVERY_S = 30.0
+
 #: a stage's frozen weights while it trains (``checkpoint.FrozenPart``), removed at the end
 FROZEN_PREFIX = ".frozen-stage"
 
@@ -124,7 +127,9 @@ class Trainer:
         self.dist = distributed.DistInfo(device=self.device)   # set by run() under torchrun
         self.ddp: torch.nn.Module | None = None                # the stage's DDP wrapper, if any
         self.last_speed: dict[str, float] = {}                 # the last epoch's throughput
-        self._history_written = 0                              # epochs in metrics.jsonl and curves.png
+        self._normalise: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 pixel batches -> model input
+        self._history_written = 0                              # epochs in metrics.jsonl
+        self._curves_drawn = (0, time.monotonic())             # curves.png: (epochs, when drawn)
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any] | None:
@@ -273,9 +278,11 @@ class Trainer:
                                           method.encoder.image_transform(cfg["preprocess"]),
                                           cfg["preload_pixels_max_mb"], cfg["num_workers"], self.progress)
                               for s in train_splits]
-                    fns = pixels
+                    fns = [p.uint8 for p in pixels]      # batches normalised on the device (_to_device)
+                    self._normalise = pixels[0].transform.normalise if pixels else None
                 else:
                     fns = [t.lookup for t in train_tables]
+                    self._normalise = None
                 # a split too large to keep decoded in memory decodes from disk every step: there
                 # the config's num_workers decode in worker processes (the datasets draw their
                 # random choices from (seed, epoch, index), so workers give the same batches);
@@ -304,10 +311,12 @@ class Trainer:
                     if self.dist.active:  # same global batches as below; each rank takes its slice
                         loader = DataLoader(data, batch_sampler=distributed.RankSliceBatchSampler(
                             len(data), cfg["batch_size"], len(data) > cfg["batch_size"], gen,
-                            self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=workers)
+                            self.dist.rank, self.dist.world_size), generator=gen, collate_fn=collate_triplets, num_workers=workers,
+                                            pin_memory=self.device.type == "cuda")
                     else:
                         loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(data) > cfg["batch_size"],
-                                            generator=gen, collate_fn=collate_triplets, num_workers=workers)
+                                            generator=gen, collate_fn=collate_triplets, num_workers=workers,
+                                            pin_memory=self.device.type == "cuda")
                     epoch_lr = set_epoch_lr(optimizer, stage, epoch)
                     losses = self._train_epoch(method, loader, optimizer, amp, stage, global_epoch)
                     if self.dist.active:  # rank 0 alone evaluates, logs and saves; the others wait
@@ -355,6 +364,8 @@ class Trainer:
         except BaseException:
             writer.close(raise_errors=False)   # the files in flight complete; the error propagates
             raise
+        if self.dist.is_main:
+            self._write_history(history, final=True)     # the last curves.png while the last checkpoint is written
         writer.close()                                   # checkpoints complete before results.json
         for stale in self.run_dir.glob(f"{FROZEN_PREFIX}*"):  # best/ and last/ hold links to what they need
             stale.unlink(missing_ok=True)
@@ -454,17 +465,27 @@ class Trainer:
         out = dict(batch)
         for key in ("reference", "target"):
             x = batch[key]
-            out[key] = x.to(self.device) if isinstance(x, (torch.Tensor, Features)) else x
+            if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and self._normalise is not None:
+                out[key] = self._normalise(x.to(self.device, non_blocking=True))
+            else:
+                out[key] = x.to(self.device) if isinstance(x, (torch.Tensor, Features)) else x
         out["text"] = method.encoder.tokenize(batch["caption"]).to(self.device)
         return out
 
     # ---- outputs --------------------------------------------------------------------------
-    def _write_history(self, history: list[dict[str, Any]]) -> None:
-        """metrics.jsonl and curves.png, every epoch (the Pillow figure takes milliseconds)."""
-        if not history or self._history_written == len(history):
+    def _write_history(self, history: list[dict[str, Any]], final: bool = False) -> None:
+        """metrics.jsonl every epoch; curves.png at most every CURVES_EVERY_S seconds and at the
+        end (the Pillow figure costs ~20 ms, a few percent of a sub-second epoch)."""
+        if not history or (self._history_written == len(history) and not final):
             return
-        self._history_written = len(history)
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        if self._history_written != len(history):
+            self._history_written = len(history)
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        epochs, at = self._curves_drawn
+        now = time.monotonic()
+        if epochs == len(history) or (not final and now - at < CURVES_EVERY_S):
+            return
+        self._curves_drawn = (len(history), now)
         try:
             plot_curves(history, self.run_dir / "curves.png")
         except Exception as exc:  # a plot must never stop training
@@ -473,7 +494,7 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
             return {}
-        self._write_history(history)
+        self._write_history(history, final=True)
         last_stage = max(r.get("stage_index", 0) for r in history)
         best = max((r for r in history if r.get("stage_index", 0) == last_stage), key=lambda r: r["headline"])
         result = {"best_epoch": best["epoch"], "val": best["val"],
