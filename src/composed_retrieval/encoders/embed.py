@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +38,13 @@ def available_cpus() -> int:
 
 def default_num_workers(device: torch.device) -> int:
     """Decoding workers. On CUDA the GPU outruns image decoding: use every spare core (up to 16).
-    On CPU the forward already uses every core, so one low-priority decoder (see
-    ``_background_worker``) fills the gaps, and only when there are >= 2 cores."""
+    On CPU the forward already uses every core, so images are decoded in this process between
+    forwards, by a thread per core (``_in_process``): embed_speed.py measured that against one
+    low-priority worker process beside the forward (``--compare-workers 1``)."""
     cpus = available_cpus()
     if device.type == "cuda":
         return max(0, min(16, cpus - 1))
-    return max(1, cpus // 8) if cpus >= 2 else 0
+    return 0
 
 
 def _background_worker(_worker_id: int) -> None:
@@ -233,10 +235,15 @@ def embed_images(encoder: EncoderPair, names: Sequence[str], path_of: Callable[[
     worker_transform, finish, reads_files = _split_transform(transform, device, decoder)
     dataset = _FileDataset(names, path_of, worker_transform) if reads_files else \
         ImageDataset(names, path_of, worker_transform, skip_bad=True)
-    loader = DataLoader(dataset, batch_size=worker_chunk(batch_size, workers), shuffle=False,
-                        num_workers=workers, collate_fn=_collate_fast if reads_files else collate_images,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-                        worker_init_fn=_background_worker if device.type == "cpu" and workers > 0 else None)
+    collate = _collate_fast if reads_files else collate_images
+    if workers == 0:
+        # threads only through the toolkit's own transforms: a user's callable may keep state
+        loader: Iterable[dict] = _in_process(dataset, batch_size, collate,
+                                             None if type(transform) is Preprocess else 1)
+    else:
+        loader = DataLoader(dataset, batch_size=worker_chunk(batch_size, workers), shuffle=False,
+                            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                            prefetch_factor=4, worker_init_fn=_background_worker if device.type == "cpu" else None)
     out = _Gather(len(dataset), tokens, out_dtype)
     pending: list[torch.Tensor] = []
     pending_names: list[str] = []
@@ -264,6 +271,25 @@ def embed_images(encoder: EncoderPair, names: Sequence[str], path_of: Callable[[
         if pending_names:
             run(torch.cat(pending), pending_names)
     return out.result(encoder), out.names, errors
+
+
+def _in_process(dataset: torch.utils.data.Dataset, batch_size: int, collate: Callable[[list], dict],
+                threads: int | None = None) -> Iterator[dict]:
+    """Batches decoded in this process, one batch at a time between forwards, by a thread per
+    core (file reads, libjpeg-turbo / zlib and torch's resize run without the GIL). On CPU the
+    forward already uses every core: decoding beside it in a worker process preempts its
+    threads, while decoding between forwards costs only the decode itself, spread over the cores."""
+    n = len(dataset)  # type: ignore[arg-type]
+    threads = available_cpus() if threads is None else threads
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") if threads > 1 and n > 1 else None
+    try:
+        for start in range(0, n, batch_size):
+            ids = range(start, min(n, start + batch_size))
+            items = list(pool.map(dataset.__getitem__, ids)) if pool is not None else [dataset[i] for i in ids]
+            yield collate(items)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def worker_chunk(batch_size: int, workers: int) -> int:
