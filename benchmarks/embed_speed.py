@@ -9,8 +9,9 @@ pairs its epochs: on these 2 shared cores one process's speed drifts by a third 
 taking each side's best run let the bare side's first, fastest run set the ratio). The best-run
 ratio is printed beside it. The toolkit runs its default decoder ("fast"); ``--compare-decoders`` also
 times decoder="pillow" (the variant timed later in each repeat tends to win by a few percent on
-2 cores, so compare the two over several runs). Goal: >= 0.93 on CPU
-for both formats, >= 0.8 on GPU.
+2 cores, so compare the two over several runs); ``--compare-workers N`` also times the fast decoder
+with N DataLoader worker processes (the CPU default decodes in this process between forwards,
+a thread per core). Goal: >= 0.93 on CPU for both formats, >= 0.8 on GPU.
 
     python benchmarks/embed_speed.py                      # ViT-B-32, random weights, CPU
     python benchmarks/embed_speed.py --device cuda --n 2048 --batch-size 256
