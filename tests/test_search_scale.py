@@ -266,3 +266,19 @@ def test_search_scale_benchmark_streams_exact_search_and_reuses_its_vectors(tmp_
     (vectors.parent / "vectors-3000-16.done").write_text("{}")      # another generation's marker: regenerate
     run("--reuse")
     assert vectors.stat().st_mtime_ns != before.st_mtime_ns
+
+
+def test_index_build_warns_when_the_recall_target_is_out_of_reach(tmp_path):
+    # the nprobe ladder stops at every list; PQ codes without re-ranking cannot reach 1.0, and
+    # the build must say so in one line instead of printing the recall as if it were the target
+    gallery = tmp_path / "gallery"
+    make_gallery(gallery, n=40)
+    model, _ = saved_model(tmp_path / "model")
+    logs: list[str] = []
+    build_index(tmp_path / "pq", gallery, model, kind="ivfpq", params={"rerank": 0, "m": 2}, recall_target=1.0,
+                progress=False, num_workers=0, log=logs.append)
+    warnings = [line for line in logs if line.startswith("warning: recall@10")]
+    assert len(warnings) == 1 and "below --recall-target 1" in warnings[0] and "nprobe" in warnings[0], logs
+    logs.clear()
+    build_index(tmp_path / "pq2", gallery, model, kind="ivfpq", progress=False, num_workers=0, log=logs.append)
+    assert not [line for line in logs if line.startswith("warning")], logs

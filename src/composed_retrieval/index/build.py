@@ -299,6 +299,14 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: Any =
             recall = faiss_index.recall_at_k(search_fn or engine, vectors, k=10, sample=RECALL_SAMPLE)
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
             f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
+        tuned = "nprobe" if chosen in faiss_index.IVF_KINDS else "ef_search" if chosen == "hnsw" else None
+        if tuned and tuned not in (params or {}) and recall < recall_target:
+            # the ladder stopped at its top (every list, or efSearch MAX_EF_SEARCH): say so, once
+            hint = ("a larger ef_construction or M, or --kind ivfpq" if chosen == "hnsw"
+                    else "--rerank with more candidates, a larger --pq-m, or --kind ivf" if chosen in faiss_index.PQ_KINDS
+                    else "more training vectors")
+            log(f"warning: recall@10 {recall:.4f} is below --recall-target {recall_target:g} even at "
+                f"{tuned} {engine_params[tuned]}; try {hint}")
         writer = lambda p: faiss_index.save_engine(engine, p)  # noqa: E731
     spec = model if isinstance(model, ModelSpec) else None
     meta = {
