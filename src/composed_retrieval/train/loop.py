@@ -333,7 +333,7 @@ class Trainer:
                     for name, splits in extra.items():
                         record[name] = evaluate_method(method, splits, self.image_table(method, splits, name),
                                                        cfg["eval_batch_size"], self.device)
-                    record["seconds"] = round(time.time() - t0, 2)
+                    record["seconds"] = round(time.time() - t0, 3)
                     record["speed"] = self.last_speed   # train_seconds, steps_per_s, samples_per_s
                     global_epoch += 1
                     improved = record["headline"] > best
@@ -457,7 +457,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         # throughput of whole steps (data loading included), this process: a slow data path
         # shows here; kept apart from the losses (timings differ between identical runs)
-        self.last_speed = {"train_seconds": round(seconds, 3), "steps_per_s": round(steps / max(seconds, 1e-9), 4),
+        self.last_speed = {"train_seconds": round(seconds, 6), "steps_per_s": round(steps / max(seconds, 1e-9), 4),
                            "samples_per_s": round(samples / max(seconds, 1e-9), 2)}
         return means | {"steps": steps}
 
