@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from .data.pixels import PixelSource
 from .encoders.base import EncoderPair, Features
 from .errors import CIRError, ConfigError, DataError
 from .fileio import atomic_write, atomic_write_json, read_json, sha256_file
@@ -250,14 +251,14 @@ def encode_with(encoder: EncoderPair, names: Sequence[str], pixels: Callable[[st
     """Encode images given by a pixel source with the encoder's current weights (a
     ``PixelSource``'s uint8 images are normalised per batch on the device)."""
     names = list(dict.fromkeys(names))
-    raw, normalise = getattr(pixels, "uint8", None), getattr(getattr(pixels, "transform", None), "normalise", None)
+    normalise = pixels.transform.normaliser(device) if isinstance(pixels, PixelSource) else None
     pooled, tokens, masks, vision = [], [], [], []
     was_training = encoder.training
     encoder.eval()
     for start in tqdm(range(0, len(names), batch_size), desc="encode images", disable=not progress, leave=False):
         chunk = names[start:start + batch_size]
-        if raw is not None and normalise is not None:
-            x = normalise(torch.stack([raw(n) for n in chunk]).to(device))
+        if normalise is not None:
+            x = normalise(torch.stack([pixels.uint8(n) for n in chunk]).to(device))  # type: ignore[attr-defined]
         else:
             x = torch.stack([pixels(n) for n in chunk]).to(device)
         f = encoder.encode_image(x)

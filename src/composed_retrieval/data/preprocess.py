@@ -38,6 +38,18 @@ def square_pad_amounts(w: int, h: int) -> tuple[int, int]:
     return (side - w) // 2, (side - h) // 2
 
 
+def longest_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(height, width) of a w x h image resized so its longest side is ``size`` ("longest" mode)."""
+    scale = size / max(w, h)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def centre_pad_amounts(w: int, h: int, size: int) -> list[int]:
+    """[left, top, right, bottom] padding that centres a w x h image on a size x size canvas."""
+    left, top = (size - w) // 2, (size - h) // 2
+    return [left, top, size - w - left, size - h - top]
+
+
 def target_pad(image: Image.Image, target_ratio: float = 1.25) -> Image.Image:
     """Pad the short side with black until long/short == target_ratio, only when the image is
     more elongated than that; a less elongated image is returned as it is."""
@@ -79,12 +91,8 @@ class Preprocess:
         if self.resize_mode == "squash":
             return TF.resize(image, [self.size, self.size], interpolation=mode).convert("RGB")
         if self.resize_mode == "longest":
-            w, h = image.size
-            scale = self.size / max(w, h)
-            image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=mode)
-            w, h = image.size
-            left, top = (self.size - w) // 2, (self.size - h) // 2
-            image = TF.pad(image, [left, top, self.size - w - left, self.size - h - top], fill=0)
+            image = TF.resize(image, list(longest_size(*image.size, self.size)), interpolation=mode)
+            image = TF.pad(image, centre_pad_amounts(*image.size, self.size), fill=0)
             return image.convert("RGB")
         image = TF.resize(image, self.size, interpolation=mode)
         image = TF.center_crop(image, [self.size, self.size])
@@ -109,13 +117,9 @@ class Preprocess:
         if self.resize_mode == "squash":
             return F2.resize(pixels, [self.size, self.size], interpolation=mode, antialias=True)
         if self.resize_mode == "longest":
-            h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-            scale = self.size / max(w, h)
-            pixels = F2.resize(pixels, [max(1, round(h * scale)), max(1, round(w * scale))],
-                               interpolation=mode, antialias=True)
-            h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-            left, top = (self.size - w) // 2, (self.size - h) // 2
-            return F2.pad(pixels, [left, top, self.size - w - left, self.size - h - top], fill=0)
+            size = longest_size(int(pixels.shape[-1]), int(pixels.shape[-2]), self.size)
+            pixels = F2.resize(pixels, list(size), interpolation=mode, antialias=True)
+            return F2.pad(pixels, centre_pad_amounts(int(pixels.shape[-1]), int(pixels.shape[-2]), self.size), fill=0)
         pixels = F2.resize(pixels, [self.size], interpolation=mode, antialias=True)
         return F2.center_crop(pixels, [self.size, self.size])
 
@@ -123,14 +127,16 @@ class Preprocess:
         return TF.normalize(TF.to_tensor(self.pil(image)), self.mean, self.std)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 3, S, S]`` (any device) -> the float tensor ``__call__`` gives each image:
-        the same arithmetic as to_tensor + normalize, once per batch. Batches travel as uint8
-        (4x fewer bytes through workers, shared and pinned memory) and become floats where the
-        model runs."""
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean, device=pixels.device).view(shape)
-        std = torch.tensor(self.std, device=pixels.device).view(shape)
-        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+        """uint8 ``[B, 3, S, S]`` -> the float tensor ``__call__`` gives each image: the same
+        arithmetic as to_tensor + normalize, once per batch. Batches travel as uint8 (4x fewer
+        bytes through workers, shared and pinned memory) and become floats where the model runs;
+        a loop over batches takes :meth:`normaliser` once instead."""
+        return self.normaliser(pixels.device)(pixels)
+
+    def normaliser(self, device: torch.device | str) -> "Normalise":
+        """:meth:`normalise` with mean and std already on ``device`` (on CUDA, building them
+        per batch is a blocking copy that waits for the work queued before it)."""
+        return Normalise(self.mean, self.std, device)
 
     def key(self) -> str:
         """A string that identifies this preprocessing in cache keys."""
@@ -149,3 +155,14 @@ class Preprocess:
 
 def make_preprocess(kind: str, size: int, target_ratio: float = 1.25) -> Callable[[Image.Image], torch.Tensor]:
     return Preprocess(kind, size, target_ratio)
+
+
+class Normalise:
+    """uint8 batch -> normalised float32 batch with mean/std kept on one device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)

@@ -193,8 +193,8 @@ def _split_transform(transform: Callable, device: torch.device, decoder: str) ->
     if type(transform) is Preprocess:  # exact type: a subclass may change __call__
         if decoder == "fast":
             gpu_jpeg = device.type == "cuda" and torch.cuda.is_available()
-            return _FastPixels(transform, gpu_jpeg), transform.normalise, True
-        return _Uint8Pixels(transform), transform.normalise, False
+            return _FastPixels(transform, gpu_jpeg), transform.normaliser(device), True
+        return _Uint8Pixels(transform), transform.normaliser(device), False
     return transform, lambda batch: batch, False
 
 

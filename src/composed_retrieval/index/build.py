@@ -289,18 +289,20 @@ def build_index(out: str | Path, gallery: str | Path | None = None, model: Any =
         faiss_index.set_search_params(engine, engine_params)
         rerank = int(engine_params.get("rerank", 0)) if chosen in faiss_index.PQ_KINDS else 0
         search_fn = (lambda q, k: faiss_index.search_reranked(engine, vectors, q, k, rerank)) if rerank else None
+        tuned = None                       # the search parameter tuned to recall_target, if any
         if chosen in faiss_index.IVF_KINDS and "nprobe" not in (params or {}):
+            tuned = "nprobe"
             engine_params["nprobe"], recall = faiss_index.tune_nprobe(
                 engine, vectors, target=recall_target, sample=RECALL_SAMPLE, search_fn=search_fn)
         elif chosen == "hnsw" and "ef_search" not in (params or {}):
+            tuned = "ef_search"
             engine_params["ef_search"], recall = faiss_index.tune_ef_search(
                 engine, vectors, target=recall_target, sample=RECALL_SAMPLE)
         else:
             recall = faiss_index.recall_at_k(search_fn or engine, vectors, k=10, sample=RECALL_SAMPLE)
         log(f"{chosen} recall@10 vs exact search: {recall:.4f} "
             f"({min(RECALL_SAMPLE, len(names))} gallery vectors as queries, params {engine_params})")
-        tuned = "nprobe" if chosen in faiss_index.IVF_KINDS else "ef_search" if chosen == "hnsw" else None
-        if tuned and tuned not in (params or {}) and recall < recall_target:
+        if tuned and recall < recall_target:
             # the ladder stopped at its top (every list, or efSearch MAX_EF_SEARCH): say so, once
             hint = ("a larger ef_construction or M, or --kind ivfpq" if chosen == "hnsw"
                     else "--rerank with more candidates, a larger --pq-m, or --kind ivf" if chosen in faiss_index.PQ_KINDS

@@ -274,12 +274,12 @@ class Trainer:
                     if self.dist.is_main else None
                 train_tables = None if not method.image_tower_frozen else self._train_tables(method, train_splits)
                 if train_tables is None:
-                    pixels = [PixelSource(s.all_image_names(), s.image_path,
-                                          method.encoder.image_transform(cfg["preprocess"]),
+                    transform = method.encoder.image_transform(cfg["preprocess"])
+                    pixels = [PixelSource(s.all_image_names(), s.image_path, transform,
                                           cfg["preload_pixels_max_mb"], cfg["num_workers"], self.progress)
                               for s in train_splits]
                     fns = [p.uint8 for p in pixels]      # batches normalised on the device (_to_device)
-                    self._normalise = pixels[0].transform.normalise if pixels else None
+                    self._normalise = transform.normaliser(self.device)
                 else:
                     fns = [t.lookup for t in train_tables]
                     self._normalise = None
@@ -476,7 +476,7 @@ class Trainer:
     def _write_history(self, history: list[dict[str, Any]], final: bool = False) -> None:
         """metrics.jsonl every epoch; curves.png at most every CURVES_EVERY_S seconds and at the
         end (the Pillow figure costs ~20 ms, a few percent of a sub-second epoch)."""
-        if not history or (self._history_written == len(history) and not final):
+        if not history:
             return
         if self._history_written != len(history):
             self._history_written = len(history)
