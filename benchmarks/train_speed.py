@@ -184,6 +184,11 @@ def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp
         def __init__(self) -> None:
             super().__init__()
             trainer.writers.append(self)
+            self.submitted = 0
+
+        def submit(self, job: Any) -> None:
+            self.submitted += 1
+            super().submit(job)
 
     runner.evaluate_method = timed_evaluate   # the loop imports it from the module at run time
     store_frozen, writer_class = ckpt.store_frozen, ckpt.CheckpointWriter
@@ -203,6 +208,7 @@ def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp
         runner.evaluate_method = evaluate
         ckpt.store_frozen, ckpt.CheckpointWriter = store_frozen, writer_class
     args.frozen_s = frozen_s[0]
+    args.writes = sum(w.submitted for w in trainer.writers)
     sync(trainer.device)
     toolkit_s = time.perf_counter() - trainer.first_step_at - trainer.eval_seconds - trainer.paused_seconds  # type: ignore[operator]
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     once = f"; frozen weights written once, before the first step: {args.frozen_s:.2f} s" \
                         if args.frozen_s > 0.05 else ""
                     print(f"{model:22s} towers {towers:3s}  toolkit {kit:8.2f} steps/s  bare {bare:8.2f} steps/s  "
-                          f"ratio {kit / bare:.3f}  ({steps} timed steps{once})", flush=True)
+                          f"ratio {kit / bare:.3f}  ({steps} timed steps, {toolkit_s:.1f} s; "
+                          f"best/ + last/ written {args.writes}x{once})", flush=True)
                 ratios.append(float(np.median(case)))
                 if args.repeats > 1:
                     print(f"{model:22s} towers {towers:3s}  median ratio of {args.repeats}: {ratios[-1]:.3f}", flush=True)

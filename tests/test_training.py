@@ -194,7 +194,8 @@ def test_frozen_weights_are_written_once_and_linked(synth_tiny: Path, tmp_path: 
     monkeypatch.setattr(ckpt, "atomic_write", lambda path, fn: (writes.append(Path(path).name), real_write(path, fn))[1])
     run = tmp_path / "run"
     cfg = _cfg(synth_tiny, stages=[{"name": "finetune", "epochs": 1, "lr": 1e-3, "train_image_tower": True,
-                                    "train_text_tower": True}, {"name": "combiner", "epochs": 3, "lr": 1e-3}])
+                                    "train_text_tower": True}, {"name": "combiner", "epochs": 3, "lr": 1e-3}],
+               checkpoint_every_s=0)         # every epoch's checkpoints
     trainer = Trainer(cfg, run, progress=False)
     live: dict[str, torch.Tensor] = {}
     real_finish = trainer._finish
@@ -233,6 +234,65 @@ def test_frozen_weights_are_written_once_and_linked(synth_tiny: Path, tmp_path: 
     (run / "last" / "frozen.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="frozen weights do not match"):
         ckpt.load_weights(run / "last")
+
+
+def test_checkpoint_cadence_defers_writes_and_keeps_the_best_epoch(synth_tiny: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With checkpoint_every_s longer than the run, best/ and last/ are written once, at the end,
+    and hold what every-epoch writing gives: the best epoch's weights (an earlier one than the
+    last, here) and the last epoch's with its resume state."""
+    stages = [{"name": "combiner", "epochs": 4, "lr": 3e-3}]
+    runs = {}
+    real = Trainer._write_checkpoints
+    for every in (0, 3600):
+        calls: list[int] = []
+
+        def spy(self, best, weights, state, calls=calls):  # type: ignore[no-untyped-def]
+            calls.append(state["global_epoch"])
+            return real(self, best, weights, state)
+        monkeypatch.setattr(Trainer, "_write_checkpoints", spy)
+        headlines = iter([0.5, 0.9, 0.4, 0.3])     # epoch 2 is the best; later ones are worse
+        monkeypatch.setattr("composed_retrieval.evaluation.protocols.headline", lambda protocol, val: next(headlines))
+        run = tmp_path / f"every{every}"
+        Trainer(_cfg(synth_tiny, stages=stages, checkpoint_every_s=every), run, progress=False).run()
+        runs[every] = (run, calls)
+    (eager, eager_calls), (lazy, lazy_calls) = runs[0], runs[3600]
+    assert eager_calls == [1, 2, 3, 4] and lazy_calls == [4]
+    for sub in ("best", "last"):
+        a, b = _weights(eager, sub), _weights(lazy, sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert json.loads((lazy / "best" / "checkpoint.json").read_text())["epoch"] == 2
+    assert json.loads((lazy / "last" / "checkpoint.json").read_text())["epoch"] == 4
+    a, b = ckpt.load_state(eager / "last"), ckpt.load_state(lazy / "last")
+    assert (a["global_epoch"], a["best"]) == (b["global_epoch"], b["best"]) == (4, 0.9)
+    # the finished run's last/ has no optimizer moments (nothing resumes into a finished stage);
+    # rerunning it trains nothing and gives the same result
+    assert "optimizer" not in a and "optimizer" not in b
+    before = json.loads((lazy / "results.json").read_text())
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a, **k: pytest.fail("a finished run trained again"))
+    headlines = iter([])
+    assert Trainer(_cfg(synth_tiny, stages=stages, checkpoint_every_s=3600), lazy, progress=False).run() == before
+
+
+def test_an_interrupted_run_writes_its_last_finished_epoch(synth_tiny: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between checkpoint writes: the epochs since the last write reach last/ on the way out."""
+    real = Trainer._train_epoch
+    epochs = {"n": 0}
+
+    def stop_in_third(self, *a, **k):  # type: ignore[no-untyped-def]
+        epochs["n"] += 1
+        if epochs["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(Trainer, "_train_epoch", stop_in_third)
+    run = tmp_path / "run"
+    cfg = _cfg(synth_tiny, stages=[{"name": "combiner", "epochs": 4, "lr": 1e-3}], checkpoint_every_s=3600)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run, progress=False).run()
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["epoch"] == 2
+    state = ckpt.load_state(run / "last")
+    assert state["global_epoch"] == 2 and state["optimizer"]["state"]   # resumable into epoch 3
 
 
 def test_a_snapshot_is_unchanged_by_later_training() -> None:

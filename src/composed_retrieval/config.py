@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "val_file": None,             # user data: a separate validation JSONL (default: the training file)
     "val_fraction": None,         # user data: validate on this held-out fraction of the training file
     "log_every": 20,
+    "checkpoint_every_s": 60,     # best/ + last/ at most this often (0: every epoch) and at the end
 }
 
 
@@ -268,6 +269,7 @@ FIELDS: dict[str, Rule] = {
     "eval_batch_size": Rule("int", low=1), "cache_dir": Rule("path", null=True),
     "preload_pixels_max_mb": Rule("num", low=0), "max_steps_per_epoch": Rule("int", null=True, low=1),
     "pairs": Rule("file_spec", null=True, exists=True), "log_every": Rule("int", low=1),
+    "checkpoint_every_s": Rule("num", low=0),
 }
 del FIELDS["stages"]
 #: fields of one stage (lr_mult and schedule: train.optim.check_stage_options)

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import threading
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -227,6 +228,50 @@ class CheckpointWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+class CheckpointCadence:
+    """When an epoch's checkpoints reach the disk: at most every ``every_s`` seconds (0: every
+    epoch), when ``flush`` is called (the run's end; an exception or Ctrl-C leaving the loop),
+    and never more than one write in flight (``CheckpointWriter``). Each epoch's snapshot is
+    kept in memory until it is written or replaced, and the best epoch's weights since the last
+    write are kept apart, so a write puts the best epoch so far in best/ and the latest in last/
+    together: a resume from last/ finds the best/ that its history names. Writing each short
+    epoch cost a tenth of the run or more (train_speed.py: a tiny model's 1 s epochs spent
+    ~70 ms of CPU each writing 28 MB; RN50x4's Combiner 0.7 GB), so a process killed outright
+    loses at most ``every_s`` seconds of training; one stopped by an exception loses nothing."""
+
+    def __init__(self, writer: CheckpointWriter, every_s: float,
+                 write: Callable[["MethodSnapshot | None", "MethodSnapshot", dict[str, Any]], None]) -> None:
+        self.writer, self.every_s, self.write = writer, float(every_s), write
+        self.written_at = time.monotonic()
+        self._best: MethodSnapshot | None = None
+        self._last: tuple[MethodSnapshot, dict[str, Any]] | None = None
+
+    def epoch_done(self, improved: bool, weights: "MethodSnapshot", resume_state: dict[str, Any],
+                   run_ends: bool = False) -> bool:
+        """Note an epoch's snapshot; True when its write was started now (``run_ends``: not
+        yet, ``flush(finished=True)`` follows)."""
+        if improved:
+            self._best = weights
+        self._last = (weights, resume_state)
+        if not run_ends and time.monotonic() - self.written_at >= self.every_s:
+            return self.flush()
+        return False
+
+    def flush(self, finished: bool = False) -> bool:
+        """Write what is pending. ``finished``: the run's last epoch; its resume state drops the
+        optimizer moments (twice the trained weights: 472 MB of RN50x4's Combiner), which only
+        a resume into an unfinished stage reads."""
+        if self._last is None:
+            return False
+        best, (weights, state) = self._best, self._last
+        self._best = self._last = None
+        if finished:
+            state = {k: v for k, v in state.items() if k != "optimizer"}
+        self.writer.submit(lambda: self.write(best, weights, state))
+        self.written_at = time.monotonic()
+        return True
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..config import DEFAULTS, merge
 from ..data.base import CIRSplit
 from ..encoders.base import Features
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..methods.base import CIRMethod
 from . import checkpoint as ckpt
@@ -251,6 +251,7 @@ class Trainer:
         amp = bool(cfg.get("amp")) and self.device.type == "cuda"
 
         writer = ckpt.CheckpointWriter()   # epoch N's files are written while epoch N+1 trains
+        cadence = ckpt.CheckpointCadence(writer, cfg["checkpoint_every_s"], self._write_checkpoints)
         try:
             for stage_index, stage in enumerate(cfg["stages"]):
                 if stage_index < start_stage:
@@ -265,10 +266,12 @@ class Trainer:
                 optimizer = build_optimizer(method, params, stage,
                                             float(stage.get("weight_decay", cfg["weight_decay"])))
                 first_epoch = start_epoch if stage_index == start_stage else 0
-                if state is not None and stage_index == start_stage and state.get("optimizer") and first_epoch > 0:
-                    optimizer.load_state_dict(state["optimizer"])
                 if first_epoch >= int(stage.get("epochs", 1)):
                     continue
+                if state is not None and stage_index == start_stage and first_epoch > 0:
+                    if not state.get("optimizer"):   # a finished run's last/ (CheckpointCadence.flush)
+                        raise CheckpointError("no optimizer state to resume this stage from", self.run_dir / "last" / ckpt.STATE)
+                    optimizer.load_state_dict(state["optimizer"])
                 # the weights this stage does not train: written once now, linked into its checkpoints
                 frozen = ckpt.store_frozen(method, self.run_dir / f"{FROZEN_PREFIX}{stage_index}.safetensors") \
                     if self.dist.is_main else None
@@ -340,7 +343,8 @@ class Trainer:
                     history.append(record)
                     # best/ and last/ are each swapped in whole (weights, metadata and, in last/,
                     # the resume state with the metrics so far), so a crash leaves one epoch's set;
-                    # they are copied now and written while the next epoch trains
+                    # they are copied now and written while later epochs train, at most every
+                    # checkpoint_every_s seconds and at the end (ckpt.CheckpointCadence)
                     if improved:
                         best = record["headline"]
                     weights = ckpt.snapshot_method(method, {"epoch": global_epoch, "val": val}, frozen)
@@ -348,8 +352,9 @@ class Trainer:
                         "optimizer": optimizer.state_dict(), "global_epoch": global_epoch,
                         "stage_index": stage_index, "epoch_in_stage": epoch + 1, "best": best,
                         "history": history})
-                    writer.submit(lambda improved=improved, weights=weights, resume_state=resume_state:
-                                  self._write_checkpoints(improved, weights, resume_state))
+                    run_ends = epoch + 1 == int(stage.get("epochs", 1)) and not any(
+                        int(later.get("epochs", 1)) > 0 for later in cfg["stages"][stage_index + 1:])
+                    cadence.epoch_done(improved, weights, resume_state, run_ends)
                     # on this thread: the writer runs at nice 19, and Python work there (JSON, the
                     # Pillow figure) holds the GIL while the OS leaves that thread waiting behind the
                     # training threads, stalling this one (train_speed RN50x4 frozen: 0.84 moved there, 0.896 here)
@@ -362,8 +367,13 @@ class Trainer:
                 if state is not None:
                     state = None
         except BaseException:
-            writer.close(raise_errors=False)   # the files in flight complete; the error propagates
+            try:   # the last finished epoch reaches the disk (Ctrl-C loses no epoch); the error propagates
+                cadence.flush()
+            except Exception:
+                pass   # a failed earlier write: the error on its way out comes first
+            writer.close(raise_errors=False)   # the files in flight complete
             raise
+        cadence.flush(finished=True)                     # the last epoch, and the best one if not yet written
         if self.dist.is_main:
             self._write_history(history, final=True)     # the last curves.png while the last checkpoint is written
         writer.close()                                   # checkpoints complete before results.json
@@ -371,12 +381,13 @@ class Trainer:
             stale.unlink(missing_ok=True)
         return self._finish(history) if self.dist.is_main else {}   # results.json: rank 0's alone
 
-    def _write_checkpoints(self, improved: bool, weights: "ckpt.MethodSnapshot",
+    def _write_checkpoints(self, best: "ckpt.MethodSnapshot | None", weights: "ckpt.MethodSnapshot",
                            resume_state: dict[str, Any]) -> None:
-        """best/ (when the epoch improved) before last/, as a resume replays from last/."""
-        if improved:
-            ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.write_snapshot(weights, d))
-            ckpt.stored_in(weights, self.run_dir / "best")       # last/ links best/'s weight files
+        """best/ (when an epoch improved since the last write) before last/, as a resume
+        replays from last/."""
+        if best is not None:
+            ckpt.write_folder(self.run_dir / "best", lambda d: ckpt.write_snapshot(best, d))
+            ckpt.stored_in(best, self.run_dir / "best")       # last/ links best/'s weight files when the same
         ckpt.write_folder(self.run_dir / "last", lambda d: (ckpt.write_snapshot(weights, d),
                                                             ckpt.save_state(d, resume_state)))
         ckpt.stored_in(weights, self.run_dir / "last")
@@ -516,7 +527,7 @@ def method_options(method: CIRMethod) -> dict[str, Any]:
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """Fields that must match to resume a run (not device or progress settings)."""
-    ignore = {"device", "num_workers", "eval_batch_size", "log_every"}
+    ignore = {"device", "num_workers", "eval_batch_size", "log_every", "checkpoint_every_s"}
     return {k: v for k, v in cfg.items() if k not in ignore}
 
 
