@@ -2,9 +2,10 @@
 
 Toolkit: ``train.loop.Trainer.run`` on a generated user-format dataset (JSONL + photo-sized
 JPEGs), from the first training step to the end of the run: data loading (pixels or cached
-features, collation, tokenisation, device copies), progress/logging, and every epoch's
-checkpoints (best/ and last/, written by the loop's background writer; the run waits for the
-last one), metrics.jsonl and curves.png. Validation is left out (its cost depends on the split,
+features, collation, tokenisation, device copies), progress/logging, the checkpoints at the
+loop's cadence (best/ and last/ once the unwritten epochs took ``checkpoint_every_s``, default
+60 s, and at the end; written by the loop's background writer, the run waits for the last
+one; ``--checkpoint-every-s 0`` writes every epoch), metrics.jsonl and curves.png. Validation is left out (its cost depends on the split,
 not on the loop): the time spent in evaluation is subtracted. The weights a stage does not train
 (a frozen tower) are written once when the stage starts, before its first step, like the
 feature cache; the time is printed beside the ratio.
@@ -20,11 +21,13 @@ first optimizer step, the bare loop's warm-up step). ``--repeats N`` runs every 
 reports the median ratio.
 
 Cases: each ``--models`` entry with the towers trained (``finetune`` stage, pixels) and frozen
-(``combiner`` stage, cached features). Epoch length matters for the checkpoint cadence: an
-epoch here is ``--steps`` steps (each epoch writes two checkpoints, as a real run does).
+(``combiner`` stage, cached features). An epoch here is ``--steps`` steps; each line says how
+often best/ + last/ were written (a run shorter than the cadence writes once, at its end: that
+write has nothing to overlap and is on the clock).
 
     python benchmarks/train_speed.py                                  # tiny, ViT-B-32, RN50x4, CPU
     python benchmarks/train_speed.py --models tiny --steps 20 --epochs 2
+    python benchmarks/train_speed.py --models tiny --checkpoint-every-s 0   # every epoch written
     python benchmarks/train_speed.py --device cuda --batch-size 128 --steps 50
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from composed_retrieval.config import load_config
+from composed_retrieval.config import DEFAULTS, load_config
 from composed_retrieval.evaluation import runner
 from composed_retrieval.train import checkpoint as ckpt
 from composed_retrieval.train import loop
@@ -169,7 +172,8 @@ def run_case(model: str, towers: bool, args: argparse.Namespace, data: Path, tmp
         "method": "combiner", "encoder": model, "encoder_config": random_weight_options(model),
         "dataset": "user", "root": str(data), "image_root": str(data.parent / "images"),
         "batch_size": args.batch_size, "seed": 0, "device": args.device, "stages": [stage],
-        "max_steps_per_epoch": args.steps, "eval_batch_size": 64, "cache_dir": str(tmp / "cache")})
+        "max_steps_per_epoch": args.steps, "eval_batch_size": 64, "cache_dir": str(tmp / "cache"),
+        **({} if args.checkpoint_every_s is None else {"checkpoint_every_s": args.checkpoint_every_s})})
     trainer = TimedTrainer(cfg, tmp / f"run-{model.replace(':', '_')}-{towers}", resume=False, progress=args.progress)
     evaluate = runner.evaluate_method
 
@@ -227,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--progress", action="store_true", help="show the loop's progress bars")
+    ap.add_argument("--checkpoint-every-s", type=float, default=None,
+                    help="the loop's checkpoint cadence (default: the config's, 60 s; 0: every epoch)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every case; the median ratio counts")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     print(f"device {device}  batch {args.batch_size}  steps/epoch {args.steps}  epochs {args.epochs}  "
-          f"torch threads {torch.get_num_threads()}  amp {'bf16' if device.type == 'cuda' else 'off (CPU fp32)'}")
+          f"torch threads {torch.get_num_threads()}  amp {'bf16' if device.type == 'cuda' else 'off (CPU fp32)'}  "
+          f"checkpoint_every_s {DEFAULTS['checkpoint_every_s'] if args.checkpoint_every_s is None else args.checkpoint_every_s}")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -274,6 +274,25 @@ def test_checkpoint_cadence_defers_writes_and_keeps_the_best_epoch(synth_tiny: P
     assert Trainer(_cfg(synth_tiny, stages=stages, checkpoint_every_s=3600), lazy, progress=False).run() == before
 
 
+def test_checkpoint_cadence_counts_the_seconds_of_unwritten_epochs() -> None:
+    """A write once the epochs since the last one took every_s seconds; the best epoch in
+    between goes with it; a run's last epoch waits for flush(finished=True), which drops the
+    optimizer moments."""
+    class Writer:
+        def submit(self, job):  # type: ignore[no-untyped-def]
+            job()
+    writes: list[tuple] = []
+    cadence = ckpt.CheckpointCadence(Writer(), 10, lambda best, w, state: writes.append((best, w, sorted(state))))
+    snaps = [f"epoch{i}" for i in range(1, 8)]
+    improved = [True, False, True, False, False, False, False]
+    started = [cadence.epoch_done(b, s, {"optimizer": {}, "epoch": i}, 4.0, run_ends=i == 7)   # type: ignore[arg-type]
+               for i, (s, b) in enumerate(zip(snaps, improved), 1)]
+    assert started == [False, False, True, False, False, True, False]
+    assert cadence.flush(finished=True) and not cadence.flush()
+    assert writes == [("epoch3", "epoch3", ["epoch", "optimizer"]), (None, "epoch6", ["epoch", "optimizer"]),
+                      (None, "epoch7", ["epoch"])]
+
+
 def test_an_interrupted_run_writes_its_last_finished_epoch(synth_tiny: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C between checkpoint writes: the epochs since the last write reach last/ on the way out."""

@@ -13,7 +13,6 @@ import os
 import pickle
 import shutil
 import threading
-import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,31 +230,34 @@ class CheckpointWriter:
 
 
 class CheckpointCadence:
-    """When an epoch's checkpoints reach the disk: at most every ``every_s`` seconds (0: every
-    epoch), when ``flush`` is called (the run's end; an exception or Ctrl-C leaving the loop),
-    and never more than one write in flight (``CheckpointWriter``). Each epoch's snapshot is
+    """When an epoch's checkpoints reach the disk: once the epochs not yet written took
+    ``every_s`` seconds (training and validation; 0: every epoch), when ``flush`` is called
+    (the run's end; an exception or Ctrl-C leaving the loop), and never more than one write in
+    flight (``CheckpointWriter``). Each epoch's snapshot is
     kept in memory until it is written or replaced, and the best epoch's weights since the last
     write are kept apart, so a write puts the best epoch so far in best/ and the latest in last/
     together: a resume from last/ finds the best/ that its history names. Writing each short
     epoch cost a tenth of the run or more (train_speed.py: a tiny model's 1 s epochs spent
     ~70 ms of CPU each writing 28 MB; RN50x4's Combiner 0.7 GB), so a process killed outright
-    loses at most ``every_s`` seconds of training; one stopped by an exception loses nothing."""
+    loses the epochs of about the last ``every_s`` seconds (and the one in progress); one stopped
+    by an exception loses only the epoch in progress."""
 
     def __init__(self, writer: CheckpointWriter, every_s: float,
                  write: Callable[["MethodSnapshot | None", "MethodSnapshot", dict[str, Any]], None]) -> None:
         self.writer, self.every_s, self.write = writer, float(every_s), write
-        self.written_at = time.monotonic()
+        self.unsaved_s = 0.0      # seconds of the epochs since the last write (setup not counted)
         self._best: MethodSnapshot | None = None
         self._last: tuple[MethodSnapshot, dict[str, Any]] | None = None
 
     def epoch_done(self, improved: bool, weights: "MethodSnapshot", resume_state: dict[str, Any],
-                   run_ends: bool = False) -> bool:
+                   seconds: float, run_ends: bool = False) -> bool:
         """Note an epoch's snapshot; True when its write was started now (``run_ends``: not
         yet, ``flush(finished=True)`` follows)."""
         if improved:
             self._best = weights
         self._last = (weights, resume_state)
-        if not run_ends and time.monotonic() - self.written_at >= self.every_s:
+        self.unsaved_s += seconds
+        if not run_ends and self.unsaved_s >= self.every_s:
             return self.flush()
         return False
 
@@ -270,7 +272,7 @@ class CheckpointCadence:
         if finished:
             state = {k: v for k, v in state.items() if k != "optimizer"}
         self.writer.submit(lambda: self.write(best, weights, state))
-        self.written_at = time.monotonic()
+        self.unsaved_s = 0.0
         return True
 
 
