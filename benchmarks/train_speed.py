@@ -5,10 +5,11 @@ JPEGs), from the first training step to the end of the run: data loading (pixels
 features, collation, tokenisation, device copies), progress/logging, the checkpoints at the
 loop's cadence (best/ and last/ once the unwritten epochs took ``checkpoint_every_s``, default
 60 s, and at the end; written by the loop's background writer, the run waits for the last
-one; ``--checkpoint-every-s 0`` writes every epoch), metrics.jsonl and curves.png. Validation is left out (its cost depends on the split,
-not on the loop): the time spent in evaluation is subtracted. The weights a stage does not train
-(a frozen tower) are written once when the stage starts, before its first step, like the
-feature cache; the time is printed beside the ratio.
+one; ``--checkpoint-every-s 0`` writes every epoch), metrics.jsonl and curves.png. Validation
+is left out (its cost depends on the split, not on the loop): the time spent in evaluation is
+subtracted. The weights a stage does not train (a frozen tower) are written once when the
+stage starts, before its first step, like the feature cache; the time is printed beside the
+ratio.
 Bare: the run's own method and optimizer, with the same autocast, ``forward + backward + clip +
 step`` on one batch that is already on the device. It runs right after each toolkit epoch for as
 many steps, off the toolkit's clock (a checkpoint still being written is waited for first, on

@@ -270,7 +270,7 @@ def test_checkpoint_cadence_defers_writes_and_keeps_the_best_epoch(synth_tiny: P
     assert "optimizer" not in a and "optimizer" not in b
     before = json.loads((lazy / "results.json").read_text())
     monkeypatch.setattr(Trainer, "_train_epoch", lambda *a, **k: pytest.fail("a finished run trained again"))
-    headlines = iter([])
+    headlines = iter([])     # the patched headline now raises: a rerun that evaluated would fail
     assert Trainer(_cfg(synth_tiny, stages=stages, checkpoint_every_s=3600), lazy, progress=False).run() == before
 
 

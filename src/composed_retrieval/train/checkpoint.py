@@ -233,14 +233,14 @@ class CheckpointCadence:
     """When an epoch's checkpoints reach the disk: once the epochs not yet written took
     ``every_s`` seconds (training and validation; 0: every epoch), when ``flush`` is called
     (the run's end; an exception or Ctrl-C leaving the loop), and never more than one write in
-    flight (``CheckpointWriter``). Each epoch's snapshot is
-    kept in memory until it is written or replaced, and the best epoch's weights since the last
-    write are kept apart, so a write puts the best epoch so far in best/ and the latest in last/
-    together: a resume from last/ finds the best/ that its history names. Writing each short
-    epoch cost a tenth of the run or more (train_speed.py: a tiny model's 1 s epochs spent
+    flight (``CheckpointWriter``). Each epoch's snapshot is kept in memory until it is written
+    or replaced (so an exception can still write it), and the best epoch's weights since the
+    last write are kept apart, so a write puts the best epoch so far in best/ and the latest in
+    last/ together: a resume from last/ finds the best/ that its history names. Writing each
+    short epoch cost a tenth of the run or more (train_speed.py: a tiny model's 1 s epochs spent
     ~70 ms of CPU each writing 28 MB; RN50x4's Combiner 0.7 GB), so a process killed outright
-    loses the epochs of about the last ``every_s`` seconds (and the one in progress); one stopped
-    by an exception loses only the epoch in progress."""
+    loses the epochs of about the last ``every_s`` seconds (and the one in progress); one
+    stopped by an exception loses only the epoch in progress."""
 
     def __init__(self, writer: CheckpointWriter, every_s: float,
                  write: Callable[["MethodSnapshot | None", "MethodSnapshot", dict[str, Any]], None]) -> None:
